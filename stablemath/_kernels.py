@@ -1,0 +1,348 @@
+"""The mathematics of stablemath, written once against the array API standard.
+
+Every function here takes the namespace ``xp`` as a keyword, calls only ``xp.*``
+functions of the standard, and branches only on shapes, dtypes and Python options,
+never on array values (so it traces under ``jax.jit`` and ``torch.compile`` and never
+synchronises a GPU). Arguments arrive validated and in the dtype the arithmetic runs
+in (float32 at least); the facades in ``_reductions.py`` and ``_losses.py`` do that.
+
+The shared core is :func:`_shift` and :func:`_log_sum`. For a slice ``x`` along the
+reduced axes, with ``m = max(x)`` over the live entries:
+
+* ``z = x - m`` (the shifted logits, ``<= 0``), but ``m`` replaced by 0 where it is not
+  finite, because ``(-inf) - (-inf)`` and ``inf - inf`` are NaN;
+* the ``k`` entries with ``z == 0`` (the maximum, ties counted) are taken out of the
+  sum, so that ``log(sum(exp(z))) = log(k) + log1p(s / k)`` with ``s`` the sum of the
+  others: full relative precision when one term dominates (``logsumexp([0, -40])``);
+* rows whose maximum is ``+inf`` keep ``z = 0`` at their ``+inf`` entries and ``-inf``
+  elsewhere (the limit), rows whose maximum is ``-inf`` (all ``-inf`` or fully masked)
+  have ``z = -inf`` everywhere, and a NaN in a live entry makes its slice NaN.
+
+The "double where" rule is kept throughout: no branch of any ``where`` computes
+``inf - inf``, ``0 * inf`` or ``log(0)``, so no NaN leaks into a gradient through the
+branch that was not selected. Gradients are those of the formulas, which are the
+analytic ones: the gradient of ``m`` (distributed over tied maxima by ``max``'s own
+derivative) cancels exactly against the ``-m`` inside ``z``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from ._lib._compat import device
+
+__all__ = [
+    "cross_entropy",
+    "log_softmax",
+    "logsumexp",
+    "logsumexp_complex",
+    "nll_loss",
+    "softmax",
+]
+
+_INF = math.inf
+
+
+def _shift(x: Any, axes: tuple[int, ...], live: Any, *, xp: Any) -> tuple[Any, Any, Any]:
+    """Return ``(m, m0, z)``: the max over live entries, its finite stand-in, the
+    shifted logits. ``live`` is a boolean mask or None (all live)."""
+    xm = x if live is None else xp.where(live, x, -_INF)
+    m = xp.max(xm, axis=axes, keepdims=True)
+    finite = xp.isfinite(m)
+    m0 = xp.where(finite, m, 0.0)
+    # Rows with a finite max subtract it. In a NaN row only the NaN entries do, so the
+    # NaN reaches the sum while the other entries stay in range (no overflow of exp).
+    # In a +inf row the +inf entries become 0 and the rest -inf; in a -inf row all -inf.
+    subtract = finite | xp.isnan(xm)
+    z = xp.where(subtract, xm - m0, xp.where(xm == _INF, 0.0, -_INF))
+    return m, m0, z
+
+
+def _log_sum(z: Any, axes: tuple[int, ...], *, xp: Any) -> tuple[Any, Any, Any]:
+    """Return ``(e, total, log_total)`` with ``e = exp(z)``, ``total = sum(e)`` and
+    ``log_total = log(total)``, the maximal entries taken out of the sum for accuracy.
+
+    ``total`` is 1 (not 0) in a slice that is all ``-inf``, so that ``e / total`` is 0.
+    """
+    e = xp.exp(z)
+    top = z == 0
+    k = xp.sum(xp.astype(top, z.dtype), axis=axes, keepdims=True)
+    s = xp.sum(xp.where(top, 0.0, e), axis=axes, keepdims=True)
+    k1 = xp.where(k > 0, k, 1.0)
+    return e, k1 + s, xp.log(k1) + xp.log1p(s / k1)
+
+
+def _lse_from_parts(m: Any, m0: Any, log_total: Any, *, xp: Any) -> Any:
+    """``m + log_total`` for finite (and NaN) maxima; ``m`` itself where it is ``+inf``
+    (its gradient, the limit of softmax, goes to the ``+inf`` entries); a constant
+    ``-inf`` for an all ``-inf`` slice (gradient 0)."""
+    regular = xp.isfinite(m) | xp.isnan(m)
+    return xp.where(regular, m0 + log_total, xp.where(m > 0, m, -_INF))
+
+
+def _squeeze(a: Any, axes: tuple[int, ...], keepdims: bool, *, xp: Any) -> Any:
+    return a if keepdims or not axes else xp.squeeze(a, axis=axes)
+
+
+def softmax(x: Any, /, *, axes: tuple[int, ...], live: Any, xp: Any) -> Any:
+    """``exp(x - m) / sum(exp(x - m))`` over ``axes``; 0 at masked entries."""
+    _, _, z = _shift(x, axes, live, xp=xp)
+    e, total, _ = _log_sum(z, axes, xp=xp)
+    # E / Z rather than exp(x - lse): the latter loses relative accuracy on long rows.
+    return e / total
+
+
+def log_softmax(x: Any, /, *, axes: tuple[int, ...], live: Any, xp: Any) -> Any:
+    """``(x - m) - log(sum(exp(x - m)))`` over ``axes``; ``-inf`` at masked entries."""
+    _, _, z = _shift(x, axes, live, xp=xp)
+    _, _, log_total = _log_sum(z, axes, xp=xp)
+    return z - log_total
+
+
+def _log_abs(v: Any, *, xp: Any) -> Any:
+    """``log|v|`` with ``-inf`` at 0, computed without a ``log(0)`` in either branch."""
+    a = xp.abs(v)
+    zero = a == 0
+    return xp.where(zero, -_INF, xp.log(xp.where(zero, 1.0, a)))
+
+
+def logsumexp(
+    x: Any,
+    /,
+    *,
+    axes: tuple[int, ...],
+    keepdims: bool,
+    live: Any,
+    b: Any,
+    return_sign: bool,
+    xp: Any,
+) -> Any:
+    """``log(sum(b * exp(x)))`` over ``axes`` for real ``x``; see the facade."""
+    if b is not None:
+        nonzero = b != 0
+        live = nonzero if live is None else live & nonzero
+    m, m0, z = _shift(x, axes, live, xp=xp)
+    if b is None:
+        _, total, log_total = _log_sum(z, axes, xp=xp)
+        res = _lse_from_parts(m, m0, log_total, xp=xp)
+        sign = xp.sign(xp.where(m == -_INF, 0.0, total)) if return_sign else None
+    else:
+        e = xp.exp(z)
+        top = z == 0
+        bl = b if live is None else xp.where(live, b, 0.0)
+        # net weight of the maximal entries, and the weighted sum of the others
+        big = xp.sum(xp.where(top, bl, 0.0), axis=axes, keepdims=True)
+        s = xp.sum(xp.where(top, 0.0, bl * e), axis=axes, keepdims=True)
+        has_big = big != 0
+        big1 = xp.where(has_big, big, 1.0)
+        r = s / big1
+        # total = big * (1 + r) where big != 0, else total = s (= r)
+        t = xp.where(has_big, 1.0 + r, r)
+        dominant = has_big & (r > -1.0)
+        log_t = xp.where(
+            dominant, xp.log1p(xp.where(dominant, r, 0.0)), _log_abs(t, xp=xp)
+        )
+        res = _lse_from_parts(m, m0, _log_abs(big1, xp=xp) + log_t, xp=xp)
+        sign = xp.sign(big1) * xp.sign(t)
+        if not return_sign:
+            # the logarithm of a negative sum is undefined
+            res = xp.where(sign < 0, xp.nan, res)
+    res = _squeeze(res, axes, keepdims, xp=xp)
+    if return_sign:
+        return res, _squeeze(sign, axes, keepdims, xp=xp)
+    return res
+
+
+def logsumexp_complex(
+    x: Any,
+    /,
+    *,
+    axes: tuple[int, ...],
+    keepdims: bool,
+    live: Any,
+    b: Any,
+    return_sign: bool,
+    xp: Any,
+) -> Any:
+    """``log(sum(b * exp(x)))`` for complex ``x``: shifted by the largest real part,
+    principal logarithm (imaginary part in ``(-pi, pi]``)."""
+    if b is not None:
+        nonzero = b != 0
+        live = nonzero if live is None else live & nonzero
+    re = xp.real(x)
+    if live is not None:
+        re = xp.where(live, re, -_INF)
+    m = xp.max(re, axis=axes, keepdims=True)
+    m0 = xp.where(xp.isfinite(m), m, 0.0)
+    e = xp.exp(x - xp.astype(m0, x.dtype))
+    if b is not None:
+        e = e * b
+    if live is not None:
+        e = xp.where(live, e, xp.zeros((), dtype=x.dtype, device=device(x)))
+    total = xp.sum(e, axis=axes, keepdims=True)
+    mag = xp.abs(total)
+    if return_sign:
+        sign = total / xp.astype(xp.where(mag == 0, 1.0, mag), total.dtype)
+        res = m0 + _log_abs(mag, xp=xp)
+        return _squeeze(res, axes, keepdims, xp=xp), _squeeze(sign, axes, keepdims, xp=xp)
+    zero = mag == 0
+    safe = xp.where(zero, xp.ones((), dtype=total.dtype, device=device(x)), total)
+    res = xp.where(zero, -_INF, xp.astype(m0, x.dtype) + xp.log(safe))
+    return _squeeze(res, axes, keepdims, xp=xp)
+
+
+def _class_onehot(target: Any, num_classes: int, axis: int, ndim: int, *, xp: Any) -> Any:
+    """Boolean one-hot of integer ``target`` along ``axis`` (a comparison with
+    ``arange``: works on every backend, including Dask, with no gather)."""
+    shape = [1] * ndim
+    shape[axis] = num_classes
+    classes = xp.reshape(
+        xp.arange(num_classes, dtype=target.dtype, device=device(target)), tuple(shape)
+    )
+    return xp.expand_dims(target, axis=axis) == classes
+
+
+def _class_weights(weight: Any, axis: int, ndim: int, *, xp: Any) -> Any:
+    shape = [1] * ndim
+    shape[axis] = weight.shape[0]
+    return xp.reshape(weight, tuple(shape))
+
+
+def _pick(a: Any, onehot: Any, axis: int, *, xp: Any) -> Any:
+    """``a[..., t, ...]`` along ``axis`` through the one-hot mask (0 where none)."""
+    return xp.sum(xp.where(onehot, a, 0.0), axis=axis)
+
+
+def _reduce(loss: Any, kept: Any, denom_weight: Any, reduction: str, *, xp: Any) -> Any:
+    """Zero the samples that are not kept, then reduce. ``"mean"`` divides by the sum
+    of ``denom_weight`` over kept samples (PyTorch's rule); 0 when nothing is kept."""
+    loss = xp.where(kept, loss, 0.0)
+    if reduction == "none":
+        return loss
+    total = xp.sum(loss)
+    if reduction == "sum":
+        return total
+    denom = xp.sum(xp.where(kept, denom_weight, 0.0))
+    # all samples ignored: 0 with zero gradient (PyTorch gives NaN)
+    return total / xp.where(denom == 0, 1.0, denom)
+
+
+def cross_entropy(
+    x: Any,
+    target: Any,
+    /,
+    *,
+    axis: int,
+    soft: bool,
+    weight: Any,
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+    temperature: float,
+    softcap: float | None,
+    z_loss: float,
+    sample_mask: Any,
+    xp: Any,
+) -> Any:
+    """Cross-entropy of ``softmax(x)`` along ``axis`` against ``target``.
+
+    Per sample (hard target ``t``, class weights ``w``, ``C`` classes, smoothing ``e``)::
+
+        nll  = (m - x[t]) + log(k) + log1p(s / k)          # = logsumexp(x) - x[t]
+        loss = (1 - e) * w[t] * nll + (e / C) * sum_c w[c] * (logsumexp(x) - x[c])
+               + z_loss * logsumexp(x)**2
+
+    ``nll`` is formed from the shifted logits, never as the difference of two nearly
+    equal numbers, so a confident prediction keeps its tiny loss. Soft targets ``q``
+    (after smoothing ``q * (1 - e) + e / C``) give ``sum_c w[c] q[c] (logsumexp(x) - x[c])``.
+    """
+    ndim = x.ndim
+    if softcap is not None:
+        x = softcap * xp.tanh(x / softcap)
+    if temperature != 1.0:
+        x = x / temperature
+    axes = (axis,)
+    num_classes = x.shape[axis]
+    m, m0, z = _shift(x, axes, None, xp=xp)
+    _, _, log_total = _log_sum(z, axes, xp=xp)
+    w = None if weight is None else _class_weights(weight, axis, ndim, xp=xp)
+
+    if soft:
+        q = target
+        if label_smoothing > 0:
+            q = q * (1.0 - label_smoothing) + label_smoothing / num_classes
+        wq = q if w is None else q * w
+        # -log p[c] is +inf where z = -inf; such classes with zero target weight add 0
+        nlp = xp.where(wq == 0, 0.0, log_total - z)
+        loss = xp.sum(wq * nlp, axis=axis)
+        kept = sample_mask
+        denom_weight = xp.ones(loss.shape, dtype=loss.dtype, device=device(loss))
+        bad = None
+    else:
+        onehot = _class_onehot(target, num_classes, axis, ndim, xp=xp)
+        x_t = xp.expand_dims(_pick(x, onehot, axis, xp=xp), axis=axis)
+        # shifted target logit: x[t] - m; in a +inf row 0 or -inf (the limit); in an
+        # all -inf row x[t] itself, so the loss is +inf with gradient -1 at the target
+        z_t = xp.where(
+            xp.isfinite(m),
+            x_t - m0,
+            xp.where(m == _INF, xp.where(x_t == _INF, 0.0, -_INF), x_t),
+        )
+        nll = xp.squeeze(log_total - z_t, axis=axis)
+        kept = target != ignore_index
+        if sample_mask is not None:
+            kept = kept & sample_mask
+        # ignore_index may be a valid class: weights are picked for kept samples only
+        w_t = 1.0 if w is None else _pick(w, onehot, axis, xp=xp)
+        loss = w_t * nll
+        if label_smoothing > 0:
+            loss = (1.0 - label_smoothing) * loss
+            nlp = log_total - z
+            smooth = xp.sum(nlp if w is None else w * nlp, axis=axis)
+            loss = loss + (label_smoothing / num_classes) * smooth
+        denom_weight = (
+            xp.ones(loss.shape, dtype=loss.dtype, device=device(loss)) if w is None else w_t
+        )
+        bad = kept & ((target < 0) | (target >= num_classes))
+
+    if z_loss > 0:
+        lse = xp.squeeze(_lse_from_parts(m, m0, log_total, xp=xp), axis=axis)
+        loss = loss + z_loss * lse * lse
+    if bad is not None:
+        # only reached on traced or lazy arrays (eager ones raise first): a target
+        # outside [0, C) makes that sample NaN, never a plausible number
+        loss = xp.where(bad, xp.nan, loss)
+        kept = kept | bad
+    if kept is None:
+        kept = xp.ones(loss.shape, dtype=xp.bool, device=device(loss))
+    return _reduce(loss, kept, denom_weight, reduction, xp=xp)
+
+
+def nll_loss(
+    log_probs: Any,
+    target: Any,
+    /,
+    *,
+    axis: int,
+    weight: Any,
+    ignore_index: int,
+    reduction: str,
+    sample_mask: Any,
+    xp: Any,
+) -> Any:
+    """``-w[t] * log_probs[t]`` per sample, reduced like :func:`cross_entropy`."""
+    ndim = log_probs.ndim
+    onehot = _class_onehot(target, log_probs.shape[axis], axis, ndim, xp=xp)
+    w_t = (
+        xp.ones(target.shape, dtype=log_probs.dtype, device=device(log_probs))
+        if weight is None
+        else _pick(_class_weights(weight, axis, ndim, xp=xp), onehot, axis, xp=xp)
+    )
+    loss = -w_t * _pick(log_probs, onehot, axis, xp=xp)
+    kept = target != ignore_index
+    if sample_mask is not None:
+        kept = kept & sample_mask
+    bad = kept & ((target < 0) | (target >= log_probs.shape[axis]))
+    loss = xp.where(bad, xp.nan, loss)
+    return _reduce(loss, kept | bad, w_t, reduction, xp=xp)

@@ -1,0 +1,98 @@
+"""Argument helpers shared by the public facades: axes, dtypes, scalar options.
+
+Everything here works on shapes, dtypes and Python values only, never on array values,
+so it is safe under ``jax.jit`` and ``torch.compile``.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from typing import Any
+
+__all__ = [
+    "check_complex",
+    "check_temperature",
+    "compute_dtype",
+    "float_dtype",
+    "normalize_axis",
+    "single_axis",
+]
+
+
+def normalize_axis(axis: int | tuple[int, ...] | None, ndim: int) -> tuple[int, ...]:
+    """Return ``axis`` as a sorted tuple of non-negative ints.
+
+    Raises
+    ------
+    ValueError
+        If an axis is out of range for ``ndim`` or repeated.
+    TypeError
+        If ``axis`` is not an int, a tuple of ints or None.
+    """
+    if axis is None:
+        return tuple(range(ndim))
+    axes = axis if isinstance(axis, tuple | list) else (axis,)
+    out = []
+    for a in axes:
+        try:
+            a = operator.index(a)
+        except TypeError:
+            msg = f"axis must be an int, a tuple of ints or None, got {axis!r}"
+            raise TypeError(msg) from None
+        if not -ndim <= a < ndim:
+            msg = f"axis {a} is out of range for an array with ndim={ndim}"
+            raise ValueError(msg)
+        out.append(a % ndim)
+    if len(set(out)) != len(out):
+        msg = f"axis {axis!r} repeats an axis (ndim={ndim})"
+        raise ValueError(msg)
+    return tuple(sorted(out))
+
+
+def single_axis(axis: int, ndim: int, name: str = "axis") -> int:
+    """Return the one class axis of a loss as a non-negative int."""
+    if isinstance(axis, tuple | list) or axis is None:
+        msg = f"{name} must be a single int for a loss (the class axis), got {axis!r}"
+        raise TypeError(msg)
+    return normalize_axis(axis, ndim)[0]
+
+
+def check_complex(xp: Any, x: Any, func: str) -> None:
+    """Reject complex input for functions whose result would be meaningless on it."""
+    if xp.isdtype(x.dtype, "complex floating"):
+        msg = f"{func} does not accept complex input (got dtype {x.dtype}); use real logits"
+        raise TypeError(msg)
+
+
+def float_dtype(xp: Any, x: Any) -> Any:
+    """The floating dtype ``x`` is computed as: its own, or the default floating dtype
+    of its namespace for integer and boolean input."""
+    if xp.isdtype(x.dtype, ("real floating", "complex floating")):
+        return x.dtype
+    info = xp.__array_namespace_info__()
+    return info.default_dtypes(device=None)["real floating"]
+
+
+def compute_dtype(xp: Any, dtype: Any, out_dtype: Any = None) -> Any:
+    """The dtype the arithmetic runs in: at least float32 (half precision sums would
+    overflow at 65504), and at least the requested output dtype."""
+    work = dtype
+    if xp.finfo(work).bits < 32:
+        work = xp.float32
+    if out_dtype is not None and xp.finfo(out_dtype).bits > xp.finfo(work).bits:
+        work = out_dtype
+    return work
+
+
+def check_temperature(temperature: Any) -> float:
+    """``temperature`` must be a positive, finite Python number."""
+    try:
+        t = float(temperature)
+    except (TypeError, ValueError):
+        msg = f"temperature must be a positive finite float, got {temperature!r}"
+        raise TypeError(msg) from None
+    if not (math.isfinite(t) and t > 0):
+        msg = f"temperature must be a positive finite float, got {temperature!r}"
+        raise ValueError(msg)
+    return t
