@@ -44,6 +44,11 @@ __all__ = [
 _INF = math.inf
 
 
+def _zeros_like_scalar(a: Any, *, xp: Any) -> Any:
+    """A 0-d zero of ``a``'s dtype and device (``where`` takes at most one scalar)."""
+    return xp.zeros((), dtype=a.dtype, device=device(a))
+
+
 def _shift(x: Any, axes: tuple[int, ...], live: Any, *, xp: Any) -> tuple[Any, Any, Any]:
     """Return ``(m, m0, z)``: the max over live entries, its finite stand-in, the
     shifted logits. ``live`` is a boolean mask or None (all live)."""
@@ -55,7 +60,8 @@ def _shift(x: Any, axes: tuple[int, ...], live: Any, *, xp: Any) -> tuple[Any, A
     # NaN reaches the sum while the other entries stay in range (no overflow of exp).
     # In a +inf row the +inf entries become 0 and the rest -inf; in a -inf row all -inf.
     subtract = finite | xp.isnan(xm)
-    z = xp.where(subtract, xm - m0, xp.where(xm == _INF, 0.0, -_INF))
+    zero = _zeros_like_scalar(x, xp=xp)
+    z = xp.where(subtract, xm - m0, xp.where(xm == _INF, zero, -_INF))
     return m, m0, z
 
 
@@ -179,7 +185,7 @@ def logsumexp_complex(
     if b is not None:
         e = e * b
     if live is not None:
-        e = xp.where(live, e, xp.zeros((), dtype=x.dtype, device=device(x)))
+        e = xp.where(live, e, _zeros_like_scalar(x, xp=xp))
     total = xp.sum(e, axis=axes, keepdims=True)
     mag = xp.abs(total)
     if return_sign:
@@ -287,7 +293,7 @@ def cross_entropy(
         z_t = xp.where(
             xp.isfinite(m),
             x_t - m0,
-            xp.where(m == _INF, xp.where(x_t == _INF, 0.0, -_INF), x_t),
+            xp.where(m == _INF, xp.where(x_t == _INF, _zeros_like_scalar(x, xp=xp), -_INF), x_t),
         )
         nll = xp.squeeze(log_total - z_t, axis=axis)
         kept = target != ignore_index

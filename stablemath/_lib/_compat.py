@@ -33,11 +33,18 @@ __all__ = [
     "library_name",
 ]
 
-device = array_api_compat.device
+def _torch_tensor_type() -> type | None:
+    torch = sys.modules.get("torch")
+    return None if torch is None else torch.Tensor
 
 
-def _is_array(obj: Any) -> bool:
-    return array_api_compat.is_array_api_obj(obj) and not isinstance(obj, np.generic)
+def device(x: Any) -> Any:
+    """The device of ``x`` (``array_api_compat.device``; torch's attribute is read
+    directly, which ``torch.compile`` traces without warnings)."""
+    tensor = _torch_tensor_type()
+    if tensor is not None and isinstance(x, tensor):
+        return x.device
+    return array_api_compat.device(x)
 
 
 def library_name(obj: Any) -> str:
@@ -55,6 +62,29 @@ def library_name(obj: Any) -> str:
     return type(obj).__module__.split(".")[0]
 
 
+# array type -> (namespace, library name), resolved once per type: it keeps the call
+# overhead small and array-api-compat's cached helpers out of torch.compile traces
+_NAMESPACES: dict[type, tuple[Any, str]] = {}
+
+
+def _lookup(obj: Any) -> tuple[Any, str] | None:
+    """``(namespace, library name)`` of an array; None for anything else."""
+    hit = _NAMESPACES.get(type(obj))
+    if hit is not None:
+        return hit
+    tensor = _torch_tensor_type()
+    if tensor is not None and isinstance(obj, tensor):
+        import array_api_compat.torch as torch_xp
+
+        hit = (torch_xp, "torch")
+    elif isinstance(obj, np.generic) or not array_api_compat.is_array_api_obj(obj):
+        return None
+    else:
+        hit = (array_api_compat.array_namespace(obj), library_name(obj))
+    _NAMESPACES[type(obj)] = hit
+    return hit
+
+
 def array_namespace(*args: Any) -> tuple[Any, list[Any]]:
     """Resolve the array API namespace of ``args`` and return it with the arrays.
 
@@ -67,27 +97,26 @@ def array_namespace(*args: Any) -> tuple[Any, list[Any]]:
     TypeError
         If the arrays come from two different libraries.
     """
-    arrays = [a for a in args if a is not None and _is_array(a)]
-    if arrays:
-        first = arrays[0]
-        for other in arrays[1:]:
-            if type(other) is not type(first):
-                a, b = library_name(first), library_name(other)
-                if a != b:
-                    msg = (
-                        f"arrays from two different libraries in one call: {a} "
-                        f"({type(first).__name__}) and {b} ({type(other).__name__}); "
-                        "convert them to one library first"
-                    )
-                    raise TypeError(msg)
-        xp = array_api_compat.array_namespace(*arrays)
-        dev = device(first)
-    else:
-        xp = array_api_compat.array_namespace(np.empty(0))
-        dev = None
+    found = []
+    for a in args:
+        hit = None if a is None else _lookup(a)
+        if hit is not None:
+            found.append((a, hit))
+    if not found:
+        xp = _lookup(np.empty(0))[0]
+        return xp, [None if a is None else np.asarray(a) for a in args]
+    first, (xp, lib) = found[0]
+    for other, (other_xp, other_lib) in found[1:]:
+        if other_xp is not xp and other_lib != lib:
+            msg = (
+                f"arrays from two different libraries in one call: {lib} "
+                f"({type(first).__name__}) and {other_lib} ({type(other).__name__}); "
+                "convert them to one library first"
+            )
+            raise TypeError(msg)
+    dev = device(first)
     out = [
-        a if a is None or _is_array(a) else (xp.asarray(a, device=dev) if arrays else np.asarray(a))
-        for a in args
+        a if a is None or _lookup(a) is not None else xp.asarray(a, device=dev) for a in args
     ]
     return xp, out
 
@@ -99,14 +128,14 @@ def can_inspect_values(x: Any) -> bool:
     so it cannot answer this; the tracer type, Dask's laziness and torch's compiler
     state do.
     """
-    if array_api_compat.is_dask_array(x):
+    hit = _lookup(x)
+    lib = "numpy" if hit is None else hit[1]
+    if lib == "dask":
         return False
-    if array_api_compat.is_jax_array(x):
-        jax_core = sys.modules["jax"].core
-        return not isinstance(x, jax_core.Tracer)
-    if array_api_compat.is_torch_array(x):
-        torch = sys.modules["torch"]
-        if torch.compiler.is_compiling():
+    if lib == "jax":
+        return not isinstance(x, sys.modules["jax"].core.Tracer)
+    if lib == "torch":
+        if sys.modules["torch"].compiler.is_compiling():
             return False
         return x.device.type != "meta"
     return True
