@@ -146,9 +146,7 @@ def logsumexp(
         # total = big * (1 + r) where big != 0, else total = s (= r)
         t = xp.where(has_big, 1.0 + r, r)
         dominant = has_big & (r > -1.0)
-        log_t = xp.where(
-            dominant, xp.log1p(xp.where(dominant, r, 0.0)), _log_abs(t, xp=xp)
-        )
+        log_t = xp.where(dominant, xp.log1p(xp.where(dominant, r, 0.0)), _log_abs(t, xp=xp))
         res = _lse_from_parts(m, m0, _log_abs(big1, xp=xp) + log_t, xp=xp)
         sign = xp.sign(big1) * xp.sign(t)
         if not return_sign:

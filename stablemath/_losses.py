@@ -34,8 +34,13 @@ def _check_reduction(reduction: str) -> None:
 
 
 def _check_hard_target(
-    xp: Any, target: Any, shape: tuple[int, ...], axis: int, ignore_index: int,
-    mask: Any, name: str,
+    xp: Any,
+    target: Any,
+    shape: tuple[int, ...],
+    axis: int,
+    ignore_index: int,
+    mask: Any,
+    name: str,
 ) -> None:
     """Shape of an integer target; its values too when they can be read."""
     sample_shape = shape[:axis] + shape[axis + 1 :]
@@ -103,8 +108,8 @@ def cross_entropy(
     where ``x`` are the logits after soft-capping (``softcap * tanh(x / softcap)``) and
     division by ``temperature``, and ``lse(x) - x_t`` is formed as
     ``(max - x_t) + log(k) + log1p(s / k)``, so that a confident prediction keeps its
-    tiny loss (``[100, 1, 0]``, target 0: ``1.383e-43`` in float32, where the frameworks
-    return 0). Soft targets ``q`` (probabilities, the shape of ``logits``; smoothed to
+    tiny loss (``[100, 1, 0]``, target 0: ``1.383e-43``, stored in float32 as the nearest
+    subnormal ``1.387e-43``, where the frameworks return 0). Soft targets ``q`` (probabilities, the shape of ``logits``; smoothed to
     ``q (1 - e) + e / C``) give :math:`\sum_c w_c q_c (\operatorname{lse}(x) - x_c)`.
     The definitions are PyTorch's (:func:`torch.nn.functional.cross_entropy`).
 
@@ -170,9 +175,9 @@ def cross_entropy(
     >>> import stablemath as sm
     >>> logits = np.array([[2.0, 1.0, 0.1], [1000.0, 1.0, -1000.0], [3.0, 2.0, 1.0]])
     >>> sm.cross_entropy(logits, np.array([0, 2, 1]), reduction="none")
-    array([4.17029965e-01, 2.00000000e+03, 1.40760596e+00])
+    array([4.17030016e-01, 2.00000000e+03, 1.40760596e+00])
     >>> float(sm.cross_entropy(np.array([[100.0, 1.0, 0.0]], dtype=np.float32), np.array([0])))
-    1.382...e-43
+    1.387...e-43
     """
     xp, (logits, target, weight, where) = array_namespace(logits, target, weight, where)
     check_complex(xp, logits, "cross_entropy")

@@ -302,9 +302,7 @@ def logsumexp(
         return res
 
     kernel = _kernels.logsumexp_complex if complex_input else _kernels.logsumexp
-    out = kernel(
-        x, axes=axes, keepdims=keepdims, live=where, b=b, return_sign=return_sign, xp=xp
-    )
+    out = kernel(x, axes=axes, keepdims=keepdims, live=where, b=b, return_sign=return_sign, xp=xp)
     if return_sign:
         res, sign = out
         sign_dtype = dt if complex_input else out_dtype

@@ -33,6 +33,7 @@ __all__ = [
     "library_name",
 ]
 
+
 def _torch_tensor_type() -> type | None:
     torch = sys.modules.get("torch")
     return None if torch is None else torch.Tensor
@@ -115,9 +116,7 @@ def array_namespace(*args: Any) -> tuple[Any, list[Any]]:
             )
             raise TypeError(msg)
     dev = device(first)
-    out = [
-        a if a is None or _lookup(a) is not None else xp.asarray(a, device=dev) for a in args
-    ]
+    out = [a if a is None or _lookup(a) is not None else xp.asarray(a, device=dev) for a in args]
     return xp, out
 
 
