@@ -109,9 +109,9 @@ def cross_entropy(
     division by ``temperature``, and ``lse(x) - x_t`` is formed as
     ``(max - x_t) + log(k) + log1p(s / k)``, so that a confident prediction keeps its
     tiny loss (``[100, 1, 0]``, target 0: ``1.383e-43``, stored in float32 as the nearest
-    subnormal ``1.387e-43``, where the frameworks return 0). Soft targets ``q`` (probabilities, the shape of ``logits``; smoothed to
-    ``q (1 - e) + e / C``) give :math:`\sum_c w_c q_c (\operatorname{lse}(x) - x_c)`.
-    The definitions are PyTorch's (:func:`torch.nn.functional.cross_entropy`).
+    subnormal ``1.387e-43``, where the frameworks return 0). Soft targets ``q``
+    (probabilities, the shape of ``logits``; smoothed to ``q (1 - e) + e / C``) give
+    :math:`\sum_c w_c q_c (\operatorname{lse}(x) - x_c)`. The definitions are PyTorch's (:func:`torch.nn.functional.cross_entropy`).
 
     Parameters
     ----------
