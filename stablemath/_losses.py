@@ -11,7 +11,7 @@ import math
 from typing import Any
 
 from . import _kernels
-from ._lib._compat import array_namespace, can_inspect_values, ensure_array
+from ._lib._compat import array_namespace, can_inspect_values, device, ensure_array
 from ._lib._utils import (
     check_complex,
     check_temperature,
@@ -198,7 +198,7 @@ def cross_entropy(
         msg = f"the class axis {axis} of logits (shape {shape}) is empty"
         raise ValueError(msg)
     out_dtype = float_dtype(xp, logits)
-    work = compute_dtype(xp, out_dtype)
+    work = compute_dtype(xp, out_dtype, device=device(logits))
     if logits.dtype != work:
         logits = xp.astype(logits, work)
     sample_shape = shape[:ax] + shape[ax + 1 :]
@@ -308,7 +308,7 @@ def nll_loss(
         raise TypeError(msg)
     _check_hard_target(xp, target, shape, ax, ignore_index, None, "log_probs")
     out_dtype = float_dtype(xp, log_probs)
-    work = compute_dtype(xp, out_dtype)
+    work = compute_dtype(xp, out_dtype, device=device(log_probs))
     if log_probs.dtype != work:
         log_probs = xp.astype(log_probs, work)
     weight = _prepare_weight(xp, weight, shape[ax], work)

@@ -62,7 +62,7 @@ def _prepare(
     if not xp.isdtype(out_dtype, "real floating"):
         msg = f"{func}: dtype must be a real floating dtype, got {out_dtype}"
         raise TypeError(msg)
-    work = compute_dtype(xp, float_dtype(xp, x), out_dtype)
+    work = compute_dtype(xp, float_dtype(xp, x), out_dtype, device=device(x))
     if x.dtype != work:
         x = xp.astype(x, work)
     if where is not None:
@@ -271,7 +271,7 @@ def logsumexp(
     """
     xp, (x, b, where) = array_namespace(x, b, where)
     dt = float_dtype(xp, x)
-    work = compute_dtype(xp, dt)
+    work = compute_dtype(xp, dt, device=device(x))
     if x.dtype != work:
         x = xp.astype(x, work)
     shape = tuple(x.shape)

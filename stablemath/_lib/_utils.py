@@ -74,12 +74,23 @@ def float_dtype(xp: Any, x: Any) -> Any:
     return info.default_dtypes(device=None)["real floating"]
 
 
-def compute_dtype(xp: Any, dtype: Any, out_dtype: Any = None) -> Any:
-    """The dtype the arithmetic runs in: at least float32 (half precision sums would
-    overflow at 65504), and at least the requested output dtype."""
+def compute_dtype(xp: Any, dtype: Any, out_dtype: Any = None, device: Any = None) -> Any:
+    """The real floating dtype the arithmetic runs in.
+
+    Inputs of 32 bits or fewer run in float64 where the namespace offers it on that
+    device (NumPy, PyTorch, CuPy, Dask, array-api-strict, JAX with x64 enabled): the
+    results are then rounded once, at the end, and stay within an ulp of the exact
+    value, where float32 arithmetic alone loses several ulp in ``exp`` and in the sum.
+    Elsewhere they run in float32 (half precision sums would overflow at 65504). The
+    output dtype, if larger, wins.
+    """
     work = dtype
-    if xp.finfo(work).bits < 32:
-        work = xp.float32
+    if xp.isdtype(work, "complex floating"):
+        return work
+    if xp.finfo(work).bits <= 32:
+        info = xp.__array_namespace_info__()
+        wide = info.dtypes(device=device, kind="real floating")
+        work = wide.get("float64", xp.float32)
     if out_dtype is not None and xp.finfo(out_dtype).bits > xp.finfo(work).bits:
         work = out_dtype
     return work
