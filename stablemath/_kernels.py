@@ -83,6 +83,38 @@ def _shift_remainder(x: Any, m0: Any, z: Any, live: Any, *, xp: Any) -> Any:
     return (a - (s - bv)) - (m0 + bv)
 
 
+def _accurate_sum(v: Any, axes: tuple[int, ...], *, xp: Any) -> tuple[Any, Any]:
+    """``sum(v, axis=axes, keepdims=True)`` as an unevaluated pair ``hi + lo``.
+
+    A pairwise sum whose every addition is made error-free (TwoSum), the rounding
+    errors summed on the side. A plain sum of ``n`` terms is off by up to ``log2(n)``
+    roundings, which the softmax denominator passes on to every probability; the pair
+    is accurate to far below an ulp of ``hi``. (The derivative of each error term is
+    exactly 0, so gradients are those of a plain sum.)
+    """
+    ndim = v.ndim
+    rest = tuple(i for i in range(ndim) if i not in axes)
+    keep_shape = tuple(1 if i in axes else v.shape[i] for i in range(ndim))
+    v = xp.permute_dims(v, rest + axes)
+    n = math.prod(v.shape[len(rest) :])
+    v = xp.reshape(v, (*v.shape[: len(rest)], n))
+    err = None
+    while n > 1:
+        if n % 2:
+            pad = xp.zeros((*v.shape[:-1], 1), dtype=v.dtype, device=device(v))
+            v = xp.concat((v, pad), axis=-1)
+            n += 1
+        a, b = v[..., : n // 2], v[..., n // 2 :]
+        v = a + b
+        bv = v - a
+        e = xp.sum((a - (v - bv)) + (b - bv), axis=-1)
+        err = e if err is None else err + e
+        n //= 2
+    hi = xp.reshape(v[..., 0], keep_shape)
+    lo = xp.zeros_like(hi) if err is None else xp.reshape(err, keep_shape)
+    return hi, lo
+
+
 def _log_sum(z: Any, axes: tuple[int, ...], *, xp: Any, low: Any = None) -> tuple[Any, Any, Any]:
     """Return ``(e, total, log_total)`` with ``e = exp(z + low)``, ``total = sum(e)``
     and ``log_total = log(total)``, the maximal entries taken out of the sum for
@@ -96,7 +128,12 @@ def _log_sum(z: Any, axes: tuple[int, ...], *, xp: Any, low: Any = None) -> tupl
         e = e + e * low
     top = z == 0
     k = xp.sum(xp.astype(top, z.dtype), axis=axes, keepdims=True)
-    s = xp.sum(xp.where(top, 0.0, e), axis=axes, keepdims=True)
+    rest = xp.where(top, 0.0, e)
+    if low is None:
+        s = xp.sum(rest, axis=axes, keepdims=True)
+    else:
+        hi, lo = _accurate_sum(rest, axes, xp=xp)
+        s = hi + lo
     k1 = xp.where(k > 0, k, 1.0)
     return e, k1 + s, xp.log(k1) + xp.log1p(s / k1)
 
@@ -117,9 +154,15 @@ def softmax(x: Any, /, *, axes: tuple[int, ...], live: Any, xp: Any) -> Any:
     """``exp(x - m) / sum(exp(x - m))`` over ``axes``; 0 at masked entries."""
     _, m0, z = _shift(x, axes, live, xp=xp)
     low = _shift_remainder(x, m0, z, live, xp=xp)
-    e, total, _ = _log_sum(z, axes, xp=xp, low=low)
+    e = xp.exp(z)
+    e = e + e * low
     # E / Z rather than exp(x - lse): the latter loses relative accuracy on long rows.
-    return e / total
+    # Z = hi + lo to far below an ulp; dividing by the pair leaves two roundings (exp
+    # and the division) in every probability. Z = 0 only in an all -inf slice (E = 0).
+    hi, lo = _accurate_sum(e, axes, xp=xp)
+    hi = xp.where(hi == 0, 1.0, hi)
+    q = e / hi
+    return q - q * (lo / hi)
 
 
 def log_softmax(x: Any, /, *, axes: tuple[int, ...], live: Any, xp: Any) -> Any:
