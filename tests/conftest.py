@@ -1,0 +1,121 @@
+"""The backend matrix: an ``xp`` fixture over the array libraries chosen by the
+environment variable STABLEMATH_BACKEND (comma-separated; default: every installed
+one). nox sets it to one backend per session."""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pytest
+
+ALL_BACKENDS = ("numpy", "array_api_strict", "torch", "jax")
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One array library: how to make its arrays and read them back."""
+
+    name: str
+    module: Any
+
+    def asarray(self, a: Any, dtype: str | None = None) -> Any:
+        a = np.asarray(a)
+        if self.name == "torch":
+            t = self.module.from_numpy(np.array(a, copy=True))
+            return t if dtype is None else t.to(getattr(self.module, dtype))
+        if self.name == "jax":
+            import jax.numpy as jnp
+
+            return jnp.asarray(a, dtype=None if dtype is None else getattr(jnp, dtype))
+        if self.name == "array_api_strict":
+            x = self.module.asarray(a)
+            return x if dtype is None else self.module.astype(x, getattr(self.module, dtype))
+        return a if dtype is None else a.astype(dtype)
+
+    def dtype(self, name: str) -> Any:
+        mod = self.module
+        if self.name == "jax":
+            import jax.numpy as jnp
+
+            mod = jnp
+        if not hasattr(mod, name):
+            pytest.skip(f"{self.name} has no {name}")
+        return getattr(mod, name)
+
+    def has(self, name: str) -> bool:
+        mod = self.module
+        if self.name == "jax":
+            import jax.numpy as jnp
+
+            mod = jnp
+        return hasattr(mod, name)
+
+    def to_numpy(self, x: Any) -> np.ndarray:
+        if self.name == "torch":
+            x = x.detach()
+            if x.dtype in (self.module.bfloat16, self.module.float16):
+                x = x.float()
+            return x.cpu().numpy()
+        if self.name == "array_api_strict":
+            return np.asarray(x._array)
+        return np.asarray(x, dtype=np.float64 if "bfloat16" in str(x.dtype) else None)
+
+    @property
+    def flushes_float32_subnormals(self) -> bool:
+        """XLA on CPU flushes float32 subnormals to zero (SPEC §3.5)."""
+        return self.name == "jax"
+
+    def is_native(self, x: Any) -> bool:
+        """Whether ``x`` is an array of this library (not converted)."""
+        if self.name == "numpy":
+            return isinstance(x, np.ndarray)
+        if self.name == "torch":
+            return isinstance(x, self.module.Tensor)
+        if self.name == "jax":
+            import jax
+
+            return isinstance(x, jax.Array)
+        from array_api_strict._array_object import Array
+
+        return isinstance(x, Array)
+
+
+def _selected() -> list[str]:
+    env = os.environ.get("STABLEMATH_BACKEND", "")
+    names = [n.strip() for n in env.split(",") if n.strip()]
+    if not names:
+        names = [n for n in ALL_BACKENDS if importlib.util.find_spec(n) is not None]
+    unknown = [n for n in names if n not in ALL_BACKENDS]
+    if unknown:
+        msg = f"STABLEMATH_BACKEND names unknown backends {unknown}; known: {ALL_BACKENDS}"
+        raise pytest.UsageError(msg)
+    return names
+
+
+def _load(name: str) -> Backend:
+    try:
+        module = importlib.import_module(name)
+    except ImportError as exc:  # a requested backend must not be skipped silently
+        msg = f"STABLEMATH_BACKEND asks for {name}, which is not importable: {exc}"
+        raise pytest.UsageError(msg) from exc
+    if name == "jax":
+        import jax
+
+        jax.config.update("jax_enable_x64", True)
+    return Backend(name, module)
+
+
+BACKENDS = [_load(n) for n in _selected()]
+
+
+@pytest.fixture(params=BACKENDS, ids=[b.name for b in BACKENDS])
+def backend(request: pytest.FixtureRequest) -> Backend:
+    return request.param
+
+
+def backends_named(*names: str) -> list[Backend]:
+    return [b for b in BACKENDS if b.name in names]

@@ -1,0 +1,304 @@
+"""SPEC §3 for logsumexp, softmax and log_softmax, on every backend."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+import stablemath as sm
+
+import _reference as ref
+
+INF = math.inf
+NAN = math.nan
+
+
+def _np(backend, x):
+    return backend.to_numpy(x)
+
+
+# --- §3.3 edge rows, forward ----------------------------------------------------
+
+EDGE_ROWS = {
+    # name: (row, logsumexp, softmax, log_softmax), references worked out by hand
+    "finite": (
+        [1.0, 2.0, 3.0],
+        float(ref.logsumexp(np.array([1.0, 2.0, 3.0]))),
+        ref.softmax(np.array([1.0, 2.0, 3.0])),
+        ref.log_softmax(np.array([1.0, 2.0, 3.0])),
+    ),
+    "some_neg_inf": (
+        [0.0, -INF, 0.0],
+        math.log(2.0),
+        [0.5, 0.0, 0.5],
+        [-math.log(2.0), -INF, -math.log(2.0)],
+    ),
+    "all_neg_inf": ([-INF, -INF, -INF], -INF, [0.0, 0.0, 0.0], [-INF, -INF, -INF]),
+    "k_pos_inf": (
+        [INF, 1.0, INF, -INF],
+        INF,
+        [0.5, 0.0, 0.5, 0.0],
+        [-math.log(2.0), -INF, -math.log(2.0), -INF],
+    ),
+    "one_pos_inf": ([INF, 5.0], INF, [1.0, 0.0], [0.0, -INF]),
+    "nan": ([1.0, NAN, 3.0], NAN, [NAN, NAN, NAN], [NAN, NAN, NAN]),
+    "nan_and_inf": ([INF, NAN], NAN, [NAN, NAN], [NAN, NAN]),
+}
+
+
+@pytest.mark.parametrize("case", list(EDGE_ROWS))
+def test_edge_rows(backend, case):
+    row, lse, p, lp = EDGE_ROWS[case]
+    x = backend.asarray(np.array([row, [0.0] * len(row)]))
+    np.testing.assert_allclose(_np(backend, sm.logsumexp(x))[0], lse, rtol=1e-15)
+    np.testing.assert_allclose(_np(backend, sm.softmax(x))[0], p, rtol=1e-15, atol=0)
+    np.testing.assert_allclose(_np(backend, sm.log_softmax(x))[0], lp, rtol=1e-15, atol=0)
+    # the other row is untouched by its neighbour's edge
+    np.testing.assert_allclose(_np(backend, sm.softmax(x))[1], np.full(len(row), 1 / len(row)))
+
+
+def test_finite_row_properties(backend):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((5, 7)) * 30
+    p = _np(backend, sm.softmax(backend.asarray(x)))
+    lp = _np(backend, sm.log_softmax(backend.asarray(x)))
+    assert np.all(np.isfinite(p)) and np.all(np.isfinite(lp))
+    np.testing.assert_allclose(p.sum(axis=-1), 1.0, rtol=1e-14)
+    assert np.all(lp <= 0)
+
+
+def test_masked_entries_equal_neg_inf(backend):
+    x = np.array([[1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 7.0, 8.0]])
+    mask = np.array([[True, False, True, False], [False, False, False, False]])
+    filled = np.where(mask, x, -INF)
+    xb, mb = backend.asarray(x), backend.asarray(mask)
+    for f in (sm.logsumexp, sm.softmax, sm.log_softmax):
+        got = _np(backend, f(xb, where=mb))
+        want = _np(backend, f(backend.asarray(filled)))
+        np.testing.assert_array_equal(got, want)
+    # fully masked row: logsumexp -inf, softmax 0, log_softmax -inf
+    assert _np(backend, sm.logsumexp(xb, where=mb))[1] == -INF
+    np.testing.assert_array_equal(_np(backend, sm.softmax(xb, where=mb))[1], 0.0)
+    np.testing.assert_array_equal(_np(backend, sm.log_softmax(xb, where=mb))[1], -INF)
+
+
+def test_masked_nan_is_ignored(backend):
+    x = backend.asarray(np.array([[0.0, NAN, 0.0]]))
+    mask = backend.asarray(np.array([[True, False, True]]))
+    np.testing.assert_array_equal(_np(backend, sm.softmax(x, where=mask)), [[0.5, 0.0, 0.5]])
+
+
+def test_empty_axis(backend):
+    x = backend.asarray(np.zeros((3, 0)))
+    np.testing.assert_array_equal(_np(backend, sm.logsumexp(x)), [-INF] * 3)
+    assert _np(backend, sm.softmax(x)).shape == (3, 0)
+    assert _np(backend, sm.log_softmax(x)).shape == (3, 0)
+    assert _np(backend, sm.logsumexp(x, axis=None)) == -INF
+
+
+# --- §3.2 overflow / underflow ----------------------------------------------------
+
+SEEDS = [
+    [1000.0, 2000.0, 3000.0],
+    [1000.0, 1.0, -1000.0],
+    [55.8906, -114.5621, 6.3440, -30.2473, -44.1440],
+]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("seed", range(len(SEEDS)))
+def test_seed_cases(backend, seed, dtype):
+    x = np.array(SEEDS[seed], dtype=dtype)
+    xb = backend.asarray(x)
+    rtol = 1e-6 if dtype == "float32" else 1e-14
+    # subnormal results carry few digits: within one subnormal step, or flushed to 0
+    atol = np.finfo(dtype).smallest_subnormal
+    if dtype == "float32" and backend.flushes_float32_subnormals:
+        atol = np.finfo(dtype).tiny
+    np.testing.assert_allclose(_np(backend, sm.logsumexp(xb)), ref.logsumexp(x), rtol=rtol)
+    np.testing.assert_allclose(_np(backend, sm.softmax(xb)), ref.softmax(x), rtol=rtol, atol=atol)
+    np.testing.assert_allclose(
+        _np(backend, sm.log_softmax(xb)), ref.log_softmax(x), rtol=rtol, atol=0
+    )
+
+
+def test_float32_extremes(backend):
+    x = np.array([1e38, -1e38, 3e37, 0.0], dtype=np.float32)
+    xb = backend.asarray(x)
+    np.testing.assert_allclose(_np(backend, sm.logsumexp(xb)), 1e38, rtol=1e-6)
+    np.testing.assert_array_equal(_np(backend, sm.softmax(xb)), [1.0, 0.0, 0.0, 0.0])
+    lp = _np(backend, sm.log_softmax(xb))
+    np.testing.assert_allclose(lp, [0.0, -2e38, -7e37, -1e38], rtol=1e-6)
+
+
+# --- §3.4 half precision ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_long_row(backend, dtype):
+    if not backend.has(dtype) or (backend.name == "numpy" and dtype == "bfloat16"):
+        pytest.skip(f"{backend.name} has no {dtype}")
+    x = backend.asarray(np.zeros(70_000, dtype=np.float32), dtype=dtype)
+    p = sm.softmax(x)
+    assert p.dtype == x.dtype
+    tol = 2.0**-8 if dtype == "float16" else 2.0**-7
+    np.testing.assert_allclose(_np(backend, p), 1 / 70_000, rtol=tol)
+    lse = sm.logsumexp(x)
+    assert lse.dtype == x.dtype
+    np.testing.assert_allclose(_np(backend, lse), math.log(70_000), rtol=tol)
+    assert sm.log_softmax(x).dtype == x.dtype
+
+
+def test_dtype_argument(backend):
+    x = backend.asarray(np.array([1.0, 2.0, 3.0], dtype=np.float32))
+    p = sm.softmax(x, dtype=backend.dtype("float64"))
+    assert p.dtype == backend.dtype("float64")
+    np.testing.assert_allclose(_np(backend, p), ref.softmax(np.array([1.0, 2.0, 3.0])), rtol=1e-15)
+
+
+def test_integer_input_promotes(backend):
+    x = backend.asarray(np.array([1, 2, 3]))
+    p = sm.softmax(x)
+    np.testing.assert_allclose(_np(backend, p), ref.softmax(np.array([1.0, 2.0, 3.0])), rtol=1e-6)
+
+
+# --- §3.5 accuracy -------------------------------------------------------------------
+
+
+def _reference_rows():
+    rng = np.random.default_rng(1234)
+    rows = [rng.standard_normal((4, n)) * s for n, s in [(3, 1), (17, 1), (64, 10), (33, 30)]]
+    dominant = np.array([[0.0, -40.0, -41.0], [10.0, -30.0, -35.0], [0.0, -20.0, -60.0]])
+    return rows + [dominant]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_ulp_accuracy(backend, dtype):
+    worst = {"logsumexp": 0.0, "softmax": 0.0, "log_softmax": 0.0}
+    for rows in _reference_rows():
+        x = rows.astype(dtype)
+        if dtype is np.float32 and backend.flushes_float32_subnormals:
+            # keep the rows whose probabilities stay normal floats (SPEC §3.5)
+            x = x[np.all(ref.softmax(x) >= np.finfo(np.float32).tiny, axis=-1)]
+            if x.size == 0:
+                continue
+        xb = backend.asarray(x)
+        worst["logsumexp"] = max(
+            worst["logsumexp"], ref.ulp_error(_np(backend, sm.logsumexp(xb)), ref.logsumexp(x), dtype)
+        )
+        worst["softmax"] = max(
+            worst["softmax"], ref.ulp_error(_np(backend, sm.softmax(xb)), ref.softmax(x), dtype)
+        )
+        worst["log_softmax"] = max(
+            worst["log_softmax"],
+            ref.ulp_error(_np(backend, sm.log_softmax(xb)), ref.log_softmax(x), dtype),
+        )
+    limit = {"logsumexp": 2.0, "softmax": 2.0, "log_softmax": 2.0}
+    if dtype is np.float64:
+        # two roundings that float64 cannot avoid (exp, the division) can each reach
+        # an ulp at the bottom of a binade: see docs/accuracy
+        limit["softmax"] = 3.0
+    assert all(worst[k] <= limit[k] for k in worst), worst
+
+
+def test_dominant_term_full_precision(backend):
+    x = backend.asarray(np.array([0.0, -40.0]))
+    got = float(_np(backend, sm.logsumexp(x)))
+    want = math.log1p(math.exp(-40.0))
+    assert got == pytest.approx(want, rel=4e-16)
+    assert got > 0
+
+
+# --- options ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("axis", [0, 1, -1, (0, 2), None])
+def test_axes_against_scipy(backend, axis):
+    special = pytest.importorskip("scipy.special")
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((3, 4, 5)) * 5
+    xb = backend.asarray(x)
+    # SPEC §5: relative 1e-12, or absolute 1e-15 near zero (scipy's log_softmax loses
+    # relative precision at the maximum, where it is close to 0)
+    tol = {"rtol": 1e-12, "atol": 1e-15}
+    np.testing.assert_allclose(
+        _np(backend, sm.logsumexp(xb, axis=axis)), special.logsumexp(x, axis=axis), **tol
+    )
+    np.testing.assert_allclose(
+        _np(backend, sm.softmax(xb, axis=axis)), special.softmax(x, axis=axis), **tol
+    )
+    np.testing.assert_allclose(
+        _np(backend, sm.log_softmax(xb, axis=axis)), special.log_softmax(x, axis=axis), **tol
+    )
+    kd = _np(backend, sm.logsumexp(xb, axis=axis, keepdims=True))
+    np.testing.assert_allclose(kd, special.logsumexp(x, axis=axis, keepdims=True), rtol=1e-13)
+
+
+def test_temperature(backend):
+    x = np.array([[55.8906, -114.5621, 6.3440, -30.2473, -44.1440]])
+    xb = backend.asarray(x)
+    np.testing.assert_allclose(
+        _np(backend, sm.softmax(xb, temperature=10.0)), ref.softmax(x / 10.0), rtol=1e-14
+    )
+    np.testing.assert_allclose(
+        _np(backend, sm.log_softmax(xb, temperature=10.0)), ref.log_softmax(x / 10.0), rtol=1e-14
+    )
+
+
+@pytest.mark.parametrize(
+    "b",
+    [
+        [1.0, 2.0, 0.5],
+        [1.0, -1.0, 0.5],
+        [0.0, 1.0, 1.0],
+        [-1.0, -1.0, -1.0],
+        [1.0, 0.0, -1.0],
+    ],
+)
+def test_logsumexp_b_against_scipy(backend, b):
+    special = pytest.importorskip("scipy.special")
+    x = np.array([[3.0, 1.0, 3.0], [0.5, -2.0, 7.0]])
+    bb = np.array(b)
+    got, sign = sm.logsumexp(backend.asarray(x), b=backend.asarray(bb), return_sign=True)
+    want, wsign = special.logsumexp(x, b=bb, axis=-1, return_sign=True)
+    np.testing.assert_allclose(_np(backend, got), want, rtol=1e-14)
+    np.testing.assert_array_equal(_np(backend, sign), wsign)
+    plain = _np(backend, sm.logsumexp(backend.asarray(x), b=backend.asarray(bb)))
+    np.testing.assert_array_equal(np.isnan(plain), wsign < 0)
+    np.testing.assert_allclose(plain[wsign > 0], want[wsign > 0], rtol=1e-14)
+
+
+def test_logsumexp_b_zero_excludes_entry(backend):
+    x = backend.asarray(np.array([1e308, 0.0, NAN]))
+    b = backend.asarray(np.array([0.0, 1.0, 0.0]))
+    assert float(_np(backend, sm.logsumexp(x, b=b))) == 0.0
+
+
+def test_logsumexp_sign_of_all_neg_inf(backend):
+    x = backend.asarray(np.array([-INF, -INF]))
+    res, sign = sm.logsumexp(x, return_sign=True)
+    assert float(_np(backend, res)) == -INF
+    assert float(_np(backend, sign)) == 0.0
+
+
+def test_logsumexp_complex(backend):
+    special = pytest.importorskip("scipy.special")
+    x = np.array([[1 + 2j, 3 - 1j, -1 + 3j], [0.5 + 3.1j, 0.2 + 3.1j, 0 + 0j]])
+    got = _np(backend, sm.logsumexp(backend.asarray(x)))
+    want = special.logsumexp(x, axis=-1)
+    np.testing.assert_allclose(got, want, rtol=1e-14)
+    assert np.all(np.abs(got.imag) <= math.pi)
+    mag, phase = sm.logsumexp(backend.asarray(x), return_sign=True)
+    wmag, wphase = special.logsumexp(x, axis=-1, return_sign=True)
+    np.testing.assert_allclose(_np(backend, mag), wmag, rtol=1e-14)
+    np.testing.assert_allclose(_np(backend, phase), wphase, rtol=1e-14)
+
+
+def test_zero_d_results_are_arrays(backend):
+    x = backend.asarray(np.array([1.0, 2.0]))
+    r = sm.logsumexp(x)
+    assert backend.is_native(r)
+    assert r.ndim == 0
+    assert backend.is_native(sm.softmax(x))
