@@ -52,3 +52,50 @@ def ulp_error(got: np.ndarray, ref: np.ndarray, dtype: type) -> float:
     ref = np.asarray(ref, dtype=np.float64)
     spacing = np.spacing(np.abs(ref).astype(dtype)).astype(np.float64)
     return float(np.max(np.abs(got - ref) / spacing))
+
+
+def np_cross_entropy(
+    logits: np.ndarray,
+    target: np.ndarray,
+    *,
+    axis: int = -1,
+    weight: np.ndarray | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    where: np.ndarray | None = None,
+) -> np.ndarray:
+    """PyTorch's definitions written out in float64 NumPy, for ordinary (finite)
+    inputs; checked against torch.nn.functional.cross_entropy in test_losses."""
+    x = np.moveaxis(np.asarray(logits, dtype=np.float64), axis, -1)
+    c = x.shape[-1]
+    m = x.max(axis=-1, keepdims=True)
+    lse = (m + np.log(np.exp(x - m).sum(axis=-1, keepdims=True)))[..., 0]
+    logp = x - lse[..., None]
+    w = np.ones(c) if weight is None else np.asarray(weight, dtype=np.float64)
+    if np.issubdtype(np.asarray(target).dtype, np.floating):
+        q = np.moveaxis(np.asarray(target, dtype=np.float64), axis, -1)
+        q = q * (1 - label_smoothing) + label_smoothing / c
+        loss = -(q * w * logp).sum(axis=-1)
+        kept = np.ones(loss.shape, bool) if where is None else np.broadcast_to(where, loss.shape)
+        denom = kept.sum()
+    else:
+        t = np.asarray(target)
+        kept = t != ignore_index
+        if where is not None:
+            kept = kept & np.broadcast_to(where, t.shape)
+        safe = np.where(kept, t, 0)
+        logp_t = np.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
+        w_t = np.where(kept, w[safe], 0.0)
+        loss = -(1 - label_smoothing) * w_t * logp_t
+        if label_smoothing:
+            loss = loss - label_smoothing / c * (w * logp).sum(axis=-1)
+        denom = w_t.sum()
+    loss = loss + z_loss * lse**2
+    loss = np.where(kept, loss, 0.0)
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return np.asarray(loss.sum())
+    return np.asarray(loss.sum() / denom if denom else 0.0)
