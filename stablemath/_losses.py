@@ -55,7 +55,8 @@ def _check_hard_target(
         bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
         if mask is not None:
             bad = bad & mask
-        if bool(xp.any(bad)):
+        # under jax.jit even a closed-over concrete target gives traced results
+        if can_inspect_values(bad) and bool(xp.any(bad)):
             msg = (
                 f"target values must lie in [0, {num_classes}) or equal "
                 f"ignore_index={ignore_index}; got values outside it"
@@ -212,7 +213,8 @@ def cross_entropy(
                 f"got {tuple(target.shape)}"
             )
             raise ValueError(msg)
-        if can_inspect_values(target) and bool(xp.any(target < 0)):
+        negative = target < 0
+        if can_inspect_values(negative) and bool(xp.any(negative)):
             msg = "soft target probabilities must be >= 0; got negative values"
             raise ValueError(msg)
         if target.dtype != work:

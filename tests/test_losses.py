@@ -52,9 +52,7 @@ def test_reference_matches_torch(reduction, smoothing, weighted, soft):
 # --- parity with the definitions, every backend ---------------------------------------
 
 OPTIONS = list(
-    itertools.product(
-        ["mean", "sum", "none"], [0.0, 0.1], [False, True], [None, 2], [0.0, 1e-3]
-    )
+    itertools.product(["mean", "sum", "none"], [0.0, 0.1], [False, True], [None, 2], [0.0, 1e-3])
 )
 
 
@@ -94,9 +92,7 @@ def test_soft_targets(backend, smoothing, weighted):
             reduction=reduction,
             label_smoothing=smoothing,
         )
-        want = ref.np_cross_entropy(
-            x, q, weight=w, reduction=reduction, label_smoothing=smoothing
-        )
+        want = ref.np_cross_entropy(x, q, weight=w, reduction=reduction, label_smoothing=smoothing)
         np.testing.assert_allclose(_np(backend, got), want, rtol=1e-12)
 
 

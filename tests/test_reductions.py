@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import math
 
+import _reference as ref
 import numpy as np
 import pytest
 
 import stablemath as sm
-
-import _reference as ref
 
 INF = math.inf
 NAN = math.nan
@@ -171,7 +170,7 @@ def _reference_rows():
     rng = np.random.default_rng(1234)
     rows = [rng.standard_normal((4, n)) * s for n, s in [(3, 1), (17, 1), (64, 10), (33, 30)]]
     dominant = np.array([[0.0, -40.0, -41.0], [10.0, -30.0, -35.0], [0.0, -20.0, -60.0]])
-    return rows + [dominant]
+    return [*rows, dominant]
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -186,7 +185,8 @@ def test_ulp_accuracy(backend, dtype):
                 continue
         xb = backend.asarray(x)
         worst["logsumexp"] = max(
-            worst["logsumexp"], ref.ulp_error(_np(backend, sm.logsumexp(xb)), ref.logsumexp(x), dtype)
+            worst["logsumexp"],
+            ref.ulp_error(_np(backend, sm.logsumexp(xb)), ref.logsumexp(x), dtype),
         )
         worst["softmax"] = max(
             worst["softmax"], ref.ulp_error(_np(backend, sm.softmax(xb)), ref.softmax(x), dtype)

@@ -1,0 +1,260 @@
+"""SPEC §3.6: gradients through torch autograd and jax.grad are the analytic ones,
+finite at every §3 edge; every function works under jax.jit, vmap and torch.compile."""
+
+from __future__ import annotations
+
+import math
+
+import _reference as ref
+import numpy as np
+import pytest
+from conftest import backends_named
+
+import stablemath as sm
+
+INF = math.inf
+NAN = math.nan
+
+AD = backends_named("torch", "jax")
+pytestmark = pytest.mark.skipif(not AD, reason="no autodiff backend (torch, jax) selected")
+
+
+@pytest.fixture(params=AD, ids=[b.name for b in AD])
+def ad(request):
+    return request.param
+
+
+def grad(ad, f, x):
+    """Gradient of a scalar function ``f`` at the float64 NumPy point ``x``."""
+    if ad.name == "torch":
+        torch = ad.module
+        t = torch.tensor(x, dtype=torch.float64, requires_grad=True)
+        f(t).backward()
+        return t.grad.numpy()
+    import jax
+
+    return np.asarray(jax.grad(f)(jax.numpy.asarray(x)))
+
+
+def _softmax(row):
+    row = np.asarray(row, dtype=np.float64)
+    if np.all(row == -INF):
+        return np.zeros_like(row)
+    if np.any(row == INF):
+        return (row == INF) / np.sum(row == INF)
+    return ref.softmax(row)
+
+
+ROWS = {
+    "finite": [1.0, 2.0, 3.0, -1.0],
+    "some_neg_inf": [1.0, -INF, 3.0, -INF],
+    "all_neg_inf": [-INF, -INF, -INF, -INF],
+    "ties": [2.0, 2.0, -1.0, 2.0],
+}
+
+
+@pytest.mark.parametrize("case", list(ROWS))
+def test_logsumexp_gradient_is_softmax(ad, case):
+    row = np.array(ROWS[case])
+    g = grad(ad, lambda x: sm.logsumexp(x), row)
+    np.testing.assert_allclose(g, _softmax(row), rtol=1e-14, atol=1e-300)
+
+
+def test_logsumexp_gradient_at_pos_inf(ad):
+    row = np.array([INF, 1.0, INF, -INF])
+    g = grad(ad, lambda x: sm.logsumexp(x), row)
+    np.testing.assert_array_equal(g, [0.5, 0.0, 0.5, 0.0])
+
+
+@pytest.mark.parametrize("case", list(ROWS))
+def test_softmax_and_log_softmax_gradients(ad, case):
+    row = np.array(ROWS[case])
+    v = np.array([0.3, -1.0, 2.0, 0.5])
+    p = _softmax(row)
+    # d/dx sum(v * softmax(x)) = p * (v - p.v)
+    g = grad(ad, lambda x: (sm.softmax(x) * ad_const(ad, v)).sum(), row)
+    np.testing.assert_allclose(g, p * (v - p @ v), rtol=1e-13, atol=1e-16)
+    # d/dx sum(v * log_softmax(x)) over the live entries = v - p * sum(v)
+    live = row > -INF
+    vl = np.where(live, v, 0.0)
+    g = grad(
+        ad,
+        lambda x: ad_where_sum(ad, live, sm.log_softmax(x) * ad_const(ad, vl)),
+        row,
+    )
+    want = np.where(live, vl - p * vl.sum(), 0.0) if live.any() else np.zeros(4)
+    np.testing.assert_allclose(g, want, rtol=1e-13, atol=1e-16)
+
+
+def ad_const(ad, a):
+    if ad.name == "torch":
+        return ad.module.tensor(a, dtype=ad.module.float64)
+    import jax.numpy as jnp
+
+    return jnp.asarray(a)
+
+
+def ad_where_sum(ad, mask, y):
+    """Sum of ``y`` over ``mask`` without touching the -inf entries."""
+    m = ad_const(ad, mask).astype(bool) if ad.name == "jax" else ad.module.tensor(mask)
+    if ad.name == "torch":
+        return ad.module.where(m, y, 0.0).sum()
+    import jax.numpy as jnp
+
+    return jnp.where(m, y, 0.0).sum()
+
+
+@pytest.mark.parametrize("func", ["logsumexp", "softmax", "log_softmax"])
+def test_masked_gradient_is_zero(ad, func):
+    row = np.array([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    mask = np.array([[True, False, True], [False, False, False]])
+    f = getattr(sm, func)
+
+    def loss(x):
+        y = f(
+            x,
+            where=ad_const(ad, mask).astype(bool) if ad.name == "jax" else ad.module.tensor(mask),
+        )
+        y = y if func != "log_softmax" else ad_where_sum(ad, mask, y)
+        return y.sum()
+
+    g = grad(ad, loss, row)
+    assert np.all(np.isfinite(g))
+    np.testing.assert_array_equal(g[~mask], 0.0)
+
+
+CE_ROWS = [
+    ([2.0, 1.0, 0.1], 0),
+    ([0.0, -INF, 1.0], 2),
+    ([0.0, -INF, 1.0], 1),  # masked target: softmax - onehot, -1 at the target
+    ([-INF, -INF, -INF], 1),  # all -inf: -onehot(t)
+]
+
+
+@pytest.mark.parametrize("case", range(len(CE_ROWS)))
+def test_cross_entropy_gradient(ad, case):
+    row, t = CE_ROWS[case]
+    row = np.array([row])
+    tgt = ad_const(ad, np.array([t])).astype(int) if ad.name == "jax" else ad.module.tensor([t])
+    g = grad(ad, lambda x: sm.cross_entropy(x, tgt), row)
+    want = _softmax(row[0]) - np.eye(3)[t]
+    np.testing.assert_allclose(g[0], want, rtol=1e-14, atol=1e-300)
+
+
+def test_cross_entropy_gradient_finite_at_pos_inf(ad):
+    row = np.array([[INF, 1.0, INF]])
+    tgt = ad_const(ad, np.array([0])).astype(int) if ad.name == "jax" else ad.module.tensor([0])
+    g = grad(ad, lambda x: sm.cross_entropy(x, tgt), row)
+    assert np.all(np.isfinite(g))
+
+
+def test_cross_entropy_ignored_and_all_ignored_gradient(ad):
+    row = np.array([[-INF, -INF], [1.0, 2.0]])
+    tgt = (
+        ad_const(ad, np.array([-100, -100])).astype(int)
+        if ad.name == "jax"
+        else ad.module.tensor([-100, -100])
+    )
+    g = grad(ad, lambda x: sm.cross_entropy(x, tgt), row)
+    np.testing.assert_array_equal(g, 0.0)
+
+
+def test_nan_gives_nan_gradient(ad):
+    row = np.array([1.0, NAN, 2.0])
+    for f in (sm.logsumexp, lambda x: sm.softmax(x)[0], lambda x: sm.log_softmax(x)[2]):
+        g = grad(ad, f, row)
+        assert np.all(np.isnan(g))
+
+
+def test_gradcheck_torch_options():
+    torch = pytest.importorskip("torch")
+    if "torch" not in [b.name for b in AD]:
+        pytest.skip("torch backend not selected")
+    x = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([0, 4, 2])
+    w = torch.rand(5, dtype=torch.float64)
+    q = torch.softmax(torch.randn(3, 5, dtype=torch.float64), -1)
+    mask = torch.tensor([[True, True, False, True, True]] * 3)
+    checks = [
+        lambda x: sm.softmax(x, axis=0, temperature=2.0),
+        lambda x: sm.softmax(x, where=mask),
+        lambda x: sm.log_softmax(x, temperature=0.5),
+        lambda x: sm.logsumexp(x, axis=(0, 1)),
+        lambda x: sm.logsumexp(x, b=w),
+        lambda x: sm.cross_entropy(
+            x, t, weight=w, label_smoothing=0.1, z_loss=1e-2, softcap=3.0, temperature=1.5
+        ),
+        lambda x: sm.cross_entropy(x, q, label_smoothing=0.2),
+        lambda x: sm.nll_loss(x, t, weight=w),
+    ]
+    for f in checks:
+        assert torch.autograd.gradcheck(f, (x,))
+
+
+# --- transformations -----------------------------------------------------------------
+
+
+def _jax():
+    if "jax" not in [b.name for b in AD]:
+        pytest.skip("jax backend not selected")
+    import jax
+
+    return jax
+
+
+def test_jax_jit_and_vmap_match_eager():
+    jax = _jax()
+    jnp = jax.numpy
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((4, 6)) * 10)
+    x = x.at[1].set(-jnp.inf).at[2, 3].set(jnp.inf)
+    t = jnp.asarray(rng.integers(0, 6, 4))
+    w = jnp.asarray(rng.random(6))
+    calls = {
+        "softmax": lambda x: sm.softmax(x, temperature=2.0),
+        "log_softmax": lambda x: sm.log_softmax(x),
+        "logsumexp": lambda x: sm.logsumexp(x, b=w),
+        "cross_entropy": lambda x: sm.cross_entropy(
+            x, t, weight=w, reduction="none", label_smoothing=0.1
+        ),
+        "nll_loss": lambda x: sm.nll_loss(sm.log_softmax(x), t, reduction="sum"),
+    }
+    for name, f in calls.items():
+        eager = np.asarray(f(x))
+        # XLA may fuse and reorder: equal to an ulp, and equal at every inf
+        np.testing.assert_allclose(np.asarray(jax.jit(f)(x)), eager, rtol=4e-16, err_msg=name)
+    row_fns = [sm.softmax, sm.log_softmax, sm.logsumexp]
+    for f in row_fns:
+        np.testing.assert_allclose(np.asarray(jax.vmap(f)(x)), np.asarray(f(x)), rtol=4e-16)
+    g = jax.jit(jax.grad(lambda x: sm.cross_entropy(x, t)))(x)
+    assert np.all(np.isfinite(np.asarray(g)))
+
+
+def test_jax_jit_bad_target_gives_nan():
+    jax = _jax()
+    jnp = jax.numpy
+    x = jnp.zeros((3, 4))
+    t = jnp.array([0, 9, 2])
+    got = np.asarray(jax.jit(lambda x, t: sm.cross_entropy(x, t, reduction="none"))(x, t))
+    assert np.isnan(got[1]) and np.all(np.isfinite(got[[0, 2]]))
+    mean = jax.jit(lambda x, t: sm.cross_entropy(x, t))(x, t)
+    assert np.isnan(float(mean))
+
+
+def test_torch_compile_fullgraph():
+    if "torch" not in [b.name for b in AD]:
+        pytest.skip("torch backend not selected")
+    torch = pytest.importorskip("torch")
+    x = torch.randn(4, 6, dtype=torch.float64)
+    t = torch.tensor([0, 5, 2, 1])
+    calls = [
+        lambda x: sm.softmax(x),
+        lambda x: sm.log_softmax(x, temperature=3.0),
+        lambda x: sm.logsumexp(x, axis=None),
+        lambda x: sm.cross_entropy(x, t, label_smoothing=0.1, z_loss=1e-3),
+        lambda x: sm.nll_loss(x, t),
+    ]
+    for f in calls:
+        torch._dynamo.reset()
+        compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+        torch.testing.assert_close(compiled(x), f(x), rtol=1e-12, atol=1e-15)
