@@ -11,8 +11,8 @@ nox.options.sessions = ["tests", "lint"]
 nox.options.error_on_missing_interpreters = True
 
 BACKENDS = ["numpy", "array_api_strict", "torch", "jax"]
-# A plain `torch` requirement pulls a multi-GB CUDA build on Linux; set
-# STABLEMATH_TORCH=torch==2.13.0 (a local CPU wheel on CI) or a CPU index URL.
+# A plain `torch` requirement pulls a multi-GB CUDA build on Linux; the README's
+# commands set STABLEMATH_TORCH=torch==2.13.0, a CPU wheel on the CI machines.
 TORCH = os.environ.get("STABLEMATH_TORCH", "torch")
 BACKEND_REQUIREMENTS = {
     "numpy": [],
