@@ -78,7 +78,9 @@ def test_hard_targets_class_axis_1(backend, reduction, smoothing, weighted, igno
     np.testing.assert_allclose(_np(backend, got), want, rtol=1e-12, atol=1e-15)
 
 
-@pytest.mark.parametrize(("smoothing", "weighted"), itertools.product([0.0, 0.3], [False, True]))
+@pytest.mark.parametrize(
+    ("smoothing", "weighted"), list(itertools.product([0.0, 0.3], [False, True]))
+)
 def test_soft_targets(backend, smoothing, weighted):
     rng = np.random.default_rng(2)
     x = rng.standard_normal((6, 5)) * 4
