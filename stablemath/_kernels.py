@@ -366,11 +366,14 @@ def cross_entropy(
             kept = kept & sample_mask
         # ignore_index may be a valid class: weights are picked for kept samples only
         w_t = 1.0 if w is None else _pick(w, onehot, axis, xp=xp)
-        loss = w_t * nll
+        # a class of weight 0 contributes 0, even where its -log p is +inf (0 * inf)
+        loss = nll if w is None else w_t * xp.where(w_t == 0, 0.0, nll)
         if label_smoothing > 0:
             loss = (1.0 - label_smoothing) * loss
             nlp = log_total - z
-            smooth = xp.sum(nlp if w is None else w * nlp, axis=axis)
+            if w is not None:
+                nlp = w * xp.where(w == 0, 0.0, nlp)
+            smooth = xp.sum(nlp, axis=axis)
             loss = loss + (label_smoothing / num_classes) * smooth
         denom_weight = (
             xp.ones(loss.shape, dtype=loss.dtype, device=device(loss)) if w is None else w_t

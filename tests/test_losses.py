@@ -233,3 +233,22 @@ def test_all_ignored_mean_is_zero(backend):
     got = sm.cross_entropy(x, t)
     assert float(_np(backend, got)) == 0.0
     assert got.ndim == 0
+
+
+def test_zero_weight_class_contributes_zero_even_at_inf(backend):
+    x = np.array([[0.0, -INF, 1.0], [2.0, 1.0, 0.0]])
+    t = np.array([1, 0])
+    w = np.array([1.0, 0.0, 2.0])
+    for smoothing in (0.0, 0.1):
+        got = _np(
+            backend,
+            sm.cross_entropy(
+                backend.asarray(x),
+                backend.asarray(t),
+                weight=backend.asarray(w),
+                reduction="none",
+                label_smoothing=smoothing,
+            ),
+        )
+        assert got[0] == 0.0 if smoothing == 0 else np.isfinite(got[0])
+        assert np.all(np.isfinite(got))
