@@ -1,5 +1,11 @@
-"""Test matrix and tasks. `nox -s tests` runs the suite once per backend, each in an
-environment that holds only that array library."""
+"""Test matrix and tasks.
+
+``nox`` runs ``tests`` and ``lint``. ``nox -s tests`` runs the suite once per backend,
+each in its own virtualenv holding only that array library (plus the test tools), so a
+test that needs a library which is not the backend under test must skip, not fail.
+Sessions use the interpreter that runs nox (any Python >= 3.11) and pip, so the
+machine's pip configuration (indexes, constraints) applies.
+"""
 
 from __future__ import annotations
 
@@ -9,41 +15,60 @@ import nox
 
 nox.options.sessions = ["tests", "lint"]
 nox.options.error_on_missing_interpreters = True
+nox.options.default_venv_backend = "virtualenv"  # pip inside: pip's configuration applies
+# Each session re-runs its installs, so a reused venv picks up changed code and
+# requirements; delete .nox/ (or pass --no-reuse-existing-virtualenvs) to start clean.
+nox.options.reuse_existing_virtualenvs = True
+
+# The torch requirement. A plain `torch` requirement pulls a multi-GB CUDA build on
+# Linux; set STABLEMATH_TORCH to a CPU build (the README's commands and .ci/run use
+# torch==2.13.0, the CPU wheel on the CI machines).
+TORCH = os.environ.get("STABLEMATH_TORCH", "torch")
 
 BACKENDS = ["numpy", "array_api_strict", "torch", "jax"]
-# A plain `torch` requirement pulls a multi-GB CUDA build on Linux; the README's
-# commands set STABLEMATH_TORCH=torch==2.13.0, a CPU wheel on the CI machines.
-TORCH = os.environ.get("STABLEMATH_TORCH", "torch")
-BACKEND_REQUIREMENTS = {
-    "numpy": [],
-    "array_api_strict": ["array-api-strict"],
-    "torch": [TORCH],
-    "jax": ["jax[cpu]"],
+# What each backend's session installs besides the package with its `test` extra
+# (pytest, mpmath, hypothesis, scipy). Versions come from pyproject's extras.
+BACKEND_INSTALL = {
+    "numpy": [".[test]"],
+    "array_api_strict": [".[test,strict]"],
+    "torch": [".[test]", TORCH],
+    "jax": [".[test,jax]", "optax"],
 }
+LINTED = ["stablemath", "tests", "benchmarks", "noxfile.py"]
 
 
 @nox.session
-@nox.parametrize("backend", BACKENDS)
+@nox.parametrize("backend", BACKENDS, ids=BACKENDS)
 def tests(session: nox.Session, backend: str) -> None:
-    """The test suite on one backend (STABLEMATH_BACKEND selects it)."""
-    session.install(*BACKEND_REQUIREMENTS[backend], ".[test]")
-    args = session.posargs or ["-q"]
-    if backend == "numpy":
-        # the docstring examples run once, on NumPy
-        args = [*args, "--doctest-modules", "stablemath", "tests"]
+    """The test suite on one backend; STABLEMATH_BACKEND tells the tests which.
+
+    Arguments after ``--`` go to pytest, e.g. ``nox -s "tests(torch)" -- -k softmax -x``.
+    Without them, NumPy also runs the docstring examples.
+    """
+    session.install(*BACKEND_INSTALL[backend])
+    args = session.posargs
+    if not args:
+        args = ["-q"]
+        if backend == "numpy":
+            # (modules needing an optional dependency, e.g. Triton, are skipped)
+            args += ["--doctest-modules", "--doctest-ignore-import-errors", "stablemath", "tests"]
     session.run("pytest", *args, env={"STABLEMATH_BACKEND": backend})
 
 
 @nox.session
 def lint(session: nox.Session) -> None:
-    """ruff: lint and formatting."""
+    """ruff: lint and formatting (check only; `ruff format` fixes)."""
     session.install("ruff")
-    session.run("ruff", "check", "stablemath", "tests", "benchmarks", "noxfile.py")
-    session.run("ruff", "format", "--check", "stablemath", "tests", "benchmarks", "noxfile.py")
+    session.run("ruff", "check", *LINTED)
+    session.run("ruff", "format", "--check", *LINTED)
 
 
 @nox.session
 def demo(session: nox.Session) -> None:
-    """The seed cases on every CPU backend: naive formula vs framework vs stablemath."""
-    session.install(".[test]", TORCH, "jax[cpu]", "optax")
+    """The seed cases: naive formula vs the framework's own function vs stablemath.
+
+    Installs every CPU backend (NumPy with SciPy, PyTorch, JAX with optax) and fails if
+    stablemath is ever NaN or wrong.
+    """
+    session.install(".", "scipy", TORCH, "jax[cpu]", "optax")
     session.run("python", "benchmarks/demo.py")
