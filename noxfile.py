@@ -25,7 +25,7 @@ nox.options.reuse_existing_virtualenvs = True
 # torch==2.13.0, the CPU wheel on the CI machines).
 TORCH = os.environ.get("STABLEMATH_TORCH", "torch")
 
-BACKENDS = ["numpy", "array_api_strict", "torch", "jax"]
+BACKENDS = ["numpy", "array_api_strict", "torch", "jax", "dask"]
 # What each backend's session installs besides the package with its `test` extra
 # (pytest, mpmath, hypothesis, scipy). Versions come from pyproject's extras.
 BACKEND_INSTALL = {
@@ -33,6 +33,7 @@ BACKEND_INSTALL = {
     "array_api_strict": [".[test,strict]"],
     "torch": [".[test]", TORCH],
     "jax": [".[test,jax]", "optax"],
+    "dask": [".[test,dask]"],
 }
 LINTED = ["stablemath", "tests", "benchmarks", "noxfile.py"]
 

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-ALL_BACKENDS = ("numpy", "array_api_strict", "torch", "jax")
+ALL_BACKENDS = ("numpy", "array_api_strict", "torch", "jax", "dask")
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,10 @@ class Backend:
             import jax.numpy as jnp
 
             return jnp.asarray(a, dtype=None if dtype is None else getattr(jnp, dtype))
+        if self.name == "dask":
+            # chunked along every axis, the reduced ones included
+            a = a if dtype is None else a.astype(dtype)
+            return self.module.from_array(a, chunks=tuple(max(1, (n + 1) // 2) for n in a.shape))
         if self.name == "array_api_strict":
             x = self.module.asarray(a)
             return x if dtype is None else self.module.astype(x, getattr(self.module, dtype))
@@ -38,6 +42,8 @@ class Backend:
 
     def dtype(self, name: str) -> Any:
         mod = self.module
+        if self.name == "dask":
+            mod = np
         if self.name == "jax":
             import jax.numpy as jnp
 
@@ -48,6 +54,8 @@ class Backend:
 
     def has(self, name: str) -> bool:
         mod = self.module
+        if self.name == "dask":
+            mod = np
         if self.name == "jax":
             import jax.numpy as jnp
 
@@ -62,7 +70,15 @@ class Backend:
             return x.cpu().numpy()
         if self.name == "array_api_strict":
             return np.asarray(x._array)
+        if self.name == "dask":
+            return np.asarray(x.compute())
         return np.asarray(x, dtype=np.float64 if "bfloat16" in str(x.dtype) else None)
+
+    @property
+    def checks_values(self) -> bool:
+        """Whether target values are validated (eager arrays); lazy Dask arrays are not,
+        and a bad sample's loss is NaN instead (SPEC §4)."""
+        return self.name != "dask"
 
     @property
     def flushes_float32_subnormals(self) -> bool:
@@ -79,6 +95,8 @@ class Backend:
             import jax
 
             return isinstance(x, jax.Array)
+        if self.name == "dask":
+            return isinstance(x, self.module.Array)
         from array_api_strict._array_object import Array
 
         return isinstance(x, Array)
@@ -96,9 +114,12 @@ def _selected() -> list[str]:
     return names
 
 
+_MODULES = {"dask": "dask.array"}
+
+
 def _load(name: str) -> Backend:
     try:
-        module = importlib.import_module(name)
+        module = importlib.import_module(_MODULES.get(name, name))
     except ImportError as exc:  # a requested backend must not be skipped silently
         msg = f"STABLEMATH_BACKEND asks for {name}, which is not importable: {exc}"
         raise pytest.UsageError(msg) from exc
