@@ -12,7 +12,23 @@ from typing import Any
 import numpy as np
 import pytest
 
-ALL_BACKENDS = ("numpy", "array_api_strict", "torch", "jax", "dask")
+ALL_BACKENDS = ("numpy", "array_api_strict", "torch", "jax", "dask", "cupy")
+# The device the arrays of torch and JAX are created on: "cpu" (default) or "cuda";
+# CuPy is always on the GPU. Set by STABLEMATH_DEVICE or `pytest --device cuda`.
+DEVICE = os.environ.get("STABLEMATH_DEVICE", "cpu")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--device",
+        default=None,
+        help="device for torch and JAX arrays: cpu (default) or cuda (or STABLEMATH_DEVICE)",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    global DEVICE
+    DEVICE = config.getoption("--device") or DEVICE
 
 
 @dataclass(frozen=True)
@@ -25,12 +41,17 @@ class Backend:
     def asarray(self, a: Any, dtype: str | None = None) -> Any:
         a = np.asarray(a)
         if self.name == "torch":
-            t = self.module.from_numpy(np.array(a, copy=True))
+            t = self.module.from_numpy(np.array(a, copy=True)).to(DEVICE)
             return t if dtype is None else t.to(getattr(self.module, dtype))
         if self.name == "jax":
+            import jax
             import jax.numpy as jnp
 
-            return jnp.asarray(a, dtype=None if dtype is None else getattr(jnp, dtype))
+            platform = "gpu" if DEVICE == "cuda" else DEVICE
+            x = jnp.asarray(a, dtype=None if dtype is None else getattr(jnp, dtype))
+            return jax.device_put(x, jax.devices(platform)[0])
+        if self.name == "cupy":
+            return self.module.asarray(a if dtype is None else a.astype(dtype))
         if self.name == "dask":
             # chunked along every axis, the reduced ones included
             a = a if dtype is None else a.astype(dtype)
@@ -42,7 +63,7 @@ class Backend:
 
     def dtype(self, name: str) -> Any:
         mod = self.module
-        if self.name == "dask":
+        if self.name in ("dask", "cupy"):
             mod = np
         if self.name == "jax":
             import jax.numpy as jnp
@@ -54,7 +75,7 @@ class Backend:
 
     def has(self, name: str) -> bool:
         mod = self.module
-        if self.name == "dask":
+        if self.name in ("dask", "cupy"):
             mod = np
         if self.name == "jax":
             import jax.numpy as jnp
@@ -72,6 +93,8 @@ class Backend:
             return np.asarray(x._array)
         if self.name == "dask":
             return np.asarray(x.compute())
+        if self.name == "cupy":
+            return self.module.asnumpy(x)
         return np.asarray(x, dtype=np.float64 if "bfloat16" in str(x.dtype) else None)
 
     @property
@@ -97,6 +120,8 @@ class Backend:
             return isinstance(x, jax.Array)
         if self.name == "dask":
             return isinstance(x, self.module.Array)
+        if self.name == "cupy":
+            return isinstance(x, self.module.ndarray)
         from array_api_strict._array_object import Array
 
         return isinstance(x, Array)
