@@ -8,7 +8,6 @@ import sys
 import textwrap
 
 import pytest
-
 from conftest import backends_named
 
 pytestmark = pytest.mark.skipif(not backends_named("jax"), reason="jax backend not selected")
