@@ -13,7 +13,7 @@ import os
 
 import nox
 
-nox.options.sessions = ["tests", "lint"]
+nox.options.sessions = ["tests", "tests_triton", "lint"]
 nox.options.error_on_missing_interpreters = True
 nox.options.default_venv_backend = "virtualenv"  # pip inside: pip's configuration applies
 # Each session re-runs its installs, so a reused venv picks up changed code and
@@ -54,6 +54,20 @@ def tests(session: nox.Session, backend: str) -> None:
             # (modules needing an optional dependency, e.g. Triton, are skipped)
             args += ["--doctest-modules", "--doctest-ignore-import-errors", "stablemath", "tests"]
     session.run("pytest", *args, env={"STABLEMATH_BACKEND": backend})
+
+
+@nox.session
+def tests_triton(session: nox.Session) -> None:
+    """The Triton kernels under TRITON_INTERPRET=1 on CPU tensors, against the generic
+    path (no GPU needed); on a CUDA machine the same tests run on the GPU."""
+    session.install(".[test]", TORCH, "triton")
+    args = session.posargs or ["-q"]
+    session.run(
+        "pytest",
+        "tests/test_triton.py",
+        *args,
+        env={"TRITON_INTERPRET": "1", "STABLEMATH_BACKEND": "torch"},
+    )
 
 
 @nox.session

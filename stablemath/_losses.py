@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from . import _kernels
+from . import _kernels, _triton
 from ._lib._compat import array_namespace, can_inspect_values, device, ensure_array
 from ._lib._utils import (
     check_complex,
@@ -200,8 +200,6 @@ def cross_entropy(
         raise ValueError(msg)
     out_dtype = float_dtype(xp, logits)
     work = compute_dtype(xp, out_dtype, device=device(logits))
-    if logits.dtype != work:
-        logits = xp.astype(logits, work)
     sample_shape = shape[:ax] + shape[ax + 1 :]
     mask = _prepare_sample_mask(xp, where, sample_shape)
 
@@ -224,6 +222,23 @@ def cross_entropy(
     else:
         msg = f"target must hold integer class indices or floating probabilities, got dtype {target.dtype}"
         raise TypeError(msg)
+    if not soft and _triton.supports(logits):
+        weight = _prepare_weight(xp, weight, shape[ax], xp.float32)
+        return _triton.cross_entropy(
+            logits,
+            target,
+            axis=ax,
+            weight=weight,
+            ignore_index=ignore_index,
+            reduction=reduction,
+            label_smoothing=float(label_smoothing),
+            temperature=t,
+            softcap=None if softcap is None else float(softcap),
+            z_loss=float(z_loss),
+            where=mask,
+        )
+    if logits.dtype != work:
+        logits = xp.astype(logits, work)
     weight = _prepare_weight(xp, weight, shape[ax], work)
 
     loss = _kernels.cross_entropy(

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from . import _kernels
+from . import _kernels, _triton
 from ._lib._compat import array_namespace, device, ensure_array
 from ._lib._utils import (
     check_complex,
@@ -51,10 +51,18 @@ def _broadcast_shape(*shapes: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(out)
 
 
-def _prepare(
-    func: str, x: Array, where: Array | None, temperature: float, dtype: Any
-) -> tuple[Any, Array, Array | None, tuple[int, ...] | None, Any]:
-    """Shared argument handling of softmax and log_softmax."""
+def _normalize(
+    func: str,
+    x: Array,
+    /,
+    *,
+    axis: int | tuple[int, ...] | None,
+    temperature: float,
+    where: Array | None,
+    dtype: Any,
+) -> Array:
+    """softmax and log_softmax: validate, then run the Triton kernels (torch tensors on
+    a GPU) or the array-API kernel ``_kernels.<func>`` in the computing dtype."""
     xp, (x, where) = array_namespace(x, where)
     check_complex(xp, x, func)
     t = check_temperature(temperature)
@@ -62,14 +70,20 @@ def _prepare(
     if not xp.isdtype(out_dtype, "real floating"):
         msg = f"{func}: dtype must be a real floating dtype, got {out_dtype}"
         raise TypeError(msg)
+    if where is not None:
+        where = _check_mask(xp, where, x.shape)
+    axes = normalize_axis(axis, x.ndim)
+    if _triton.supports(x) and xp.finfo(out_dtype).bits <= xp.finfo(x.dtype).bits:
+        fast = getattr(_triton, func)(x, axis=axes, temperature=t, where=where)
+        return _finish(xp, fast, out_dtype)
     work = compute_dtype(xp, float_dtype(xp, x), out_dtype, device=device(x))
     if x.dtype != work:
         x = xp.astype(x, work)
-    if where is not None:
-        where = _check_mask(xp, where, x.shape)
+    if any(x.shape[a] == 0 for a in axes):
+        return _finish(xp, x, out_dtype)
     if t != 1.0:
         x = x / t
-    return xp, x, where, out_dtype, work
+    return _finish(xp, getattr(_kernels, func)(x, axes=axes, live=where, xp=xp), out_dtype)
 
 
 def _finish(xp: Any, result: Array, out_dtype: Any) -> Array:
@@ -140,11 +154,7 @@ def softmax(
     array([[0.5, 0.5],
            [0. , 0. ]])
     """
-    xp, x, where, out_dtype, _ = _prepare("softmax", x, where, temperature, dtype)
-    axes = normalize_axis(axis, x.ndim)
-    if any(x.shape[a] == 0 for a in axes):
-        return _finish(xp, x, out_dtype)
-    return _finish(xp, _kernels.softmax(x, axes=axes, live=where, xp=xp), out_dtype)
+    return _normalize("softmax", x, axis=axis, temperature=temperature, where=where, dtype=dtype)
 
 
 def log_softmax(
@@ -199,11 +209,9 @@ def log_softmax(
     >>> sm.log_softmax(np.array([1000.0, 1.0, -1000.0]))
     array([    0.,  -999., -2000.])
     """
-    xp, x, where, out_dtype, _ = _prepare("log_softmax", x, where, temperature, dtype)
-    axes = normalize_axis(axis, x.ndim)
-    if any(x.shape[a] == 0 for a in axes):
-        return _finish(xp, x, out_dtype)
-    return _finish(xp, _kernels.log_softmax(x, axes=axes, live=where, xp=xp), out_dtype)
+    return _normalize(
+        "log_softmax", x, axis=axis, temperature=temperature, where=where, dtype=dtype
+    )
 
 
 def logsumexp(
@@ -270,6 +278,11 @@ def logsumexp(
     (array(1.54132485), array(-1.))
     """
     xp, (x, b, where) = array_namespace(x, b, where)
+    if b is None and not return_sign and _triton.supports(x):
+        if where is not None:
+            where = _check_mask(xp, where, tuple(x.shape))
+        axes = normalize_axis(axis, x.ndim)
+        return _triton.logsumexp(x, axis=axes, keepdims=keepdims, where=where)
     dt = float_dtype(xp, x)
     work = compute_dtype(xp, dt, device=device(x))
     if x.dtype != work:
