@@ -71,6 +71,13 @@ def tests_triton(session: nox.Session) -> None:
 
 
 @nox.session
+def bench(session: nox.Session) -> None:
+    """The cross-framework benchmark (benchmarks/run.py; `-- --full` for every shape)."""
+    session.install(".[bench]", TORCH, "jax[cpu]", "optax", "dask[array]")
+    session.run("python", "benchmarks/run.py", *session.posargs)
+
+
+@nox.session
 def lint(session: nox.Session) -> None:
     """ruff: lint and formatting (check only; `ruff format` fixes)."""
     session.install("ruff")
