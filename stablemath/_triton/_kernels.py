@@ -138,15 +138,27 @@ def _stats_update(m, k, s, nan, x, INTERP: tl.constexpr):
     # the old maximum was -inf or the new one is +inf (the finite terms vanish then)
     grow = m_new > m
     both = grow & fin_new & (m > float("-inf"))
-    alpha = tl.where(both, _exp(tl.where(both, m, 0.0) - m0, INTERP), 0.0)
+    alpha = tl.where(both, _exp_shifted(tl.where(both, m, m0), m0, INTERP), 0.0)
     s = tl.where(grow, (s + k) * alpha, s)
     k = tl.where(grow, 0.0, k)
     top = (x == m_new) & (x > float("-inf"))
     k += tl.sum(top.to(k.dtype), axis=0)
     rest = tl.where(fin_new, (x < m_new) & (x > float("-inf")), False)
-    e = tl.where(rest, _exp(tl.where(rest, x, m0) - m0, INTERP), 0.0)
+    e = tl.where(rest, _exp_shifted(tl.where(rest, x, m0), m0, INTERP), 0.0)
     s += tl.sum(e, axis=0)
     return m_new, k, s, nan
+
+
+@triton.jit
+def _exp_shifted(a, m0, INTERP: tl.constexpr):
+    """``exp(a - m0)`` for finite ``a``, ``m0``, with the rounding error of the
+    subtraction (TwoSum) added back: ``a - m0`` rounds by up to ``|a - m0|`` half-ulps,
+    which ``exp`` would turn into as many ulp of relative error in the row's sum."""
+    d = a - m0
+    bv = d - a
+    low = (a - (d - bv)) - (m0 + bv)
+    e = _exp(d, INTERP)
+    return e + e * low
 
 
 @triton.jit
