@@ -11,7 +11,7 @@ import math
 from typing import Any
 
 from . import _kernels, _triton
-from ._lib._compat import array_namespace, can_inspect_values, device, ensure_array
+from ._lib._compat import array_namespace, can_inspect_values, device, finish
 from ._lib._utils import (
     check_complex,
     check_temperature,
@@ -256,9 +256,7 @@ def cross_entropy(
         sample_mask=mask,
         xp=xp,
     )
-    if loss.dtype != out_dtype:
-        loss = xp.astype(loss, out_dtype)
-    return ensure_array(loss, xp)
+    return finish(loss, out_dtype, xp)
 
 
 def nll_loss(
@@ -339,6 +337,4 @@ def nll_loss(
         sample_mask=None,
         xp=xp,
     )
-    if loss.dtype != out_dtype:
-        loss = xp.astype(loss, out_dtype)
-    return ensure_array(loss, xp)
+    return finish(loss, out_dtype, xp)

@@ -10,7 +10,7 @@ import math
 from typing import Any
 
 from . import _kernels, _triton
-from ._lib._compat import array_namespace, device, ensure_array
+from ._lib._compat import array_namespace, device, finish
 from ._lib._utils import (
     check_complex,
     check_temperature,
@@ -87,9 +87,7 @@ def _normalize(
 
 
 def _finish(xp: Any, result: Array, out_dtype: Any) -> Array:
-    if result.dtype != out_dtype:
-        result = xp.astype(result, out_dtype)
-    return ensure_array(result, xp)
+    return finish(result, out_dtype, xp)
 
 
 def softmax(

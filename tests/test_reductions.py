@@ -132,6 +132,20 @@ def test_float32_extremes(backend):
     np.testing.assert_allclose(lp, [0.0, -2e38, -7e37, -1e38], rtol=1e-6)
 
 
+def test_float32_beyond_range_overflows_to_inf_silently(backend):
+    """max - min = 6e38 is beyond float32: the true log-probability -6e38 is rounded to
+    -inf (SPEC §3.2), with no NaN and no "overflow in cast" warning (warnings are
+    errors in this suite)."""
+    x = backend.asarray(np.array([3e38, -3e38, 3e38], dtype=np.float32))
+    np.testing.assert_array_equal(_np(backend, sm.softmax(x)), [0.5, 0.0, 0.5])
+    lp = _np(backend, sm.log_softmax(x))
+    np.testing.assert_allclose(lp, [-math.log(2), -INF, -math.log(2)], rtol=1e-7)
+    np.testing.assert_allclose(_np(backend, sm.logsumexp(x)), 3e38, rtol=1e-7)
+    t = backend.asarray(np.array([1]))
+    ce = sm.cross_entropy(backend.asarray(np.array([[3e38, -3e38]], dtype=np.float32)), t)
+    assert _np(backend, ce) == INF
+
+
 # --- §3.4 half precision ----------------------------------------------------------
 
 
