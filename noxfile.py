@@ -26,6 +26,9 @@ nox.options.reuse_existing_virtualenvs = True
 TORCH = os.environ.get("STABLEMATH_TORCH", "torch")
 
 BACKENDS = ["numpy", "array_api_strict", "torch", "jax", "dask"]
+# NumPy and torch CPU also run with the fast paths (stablemath/_fastpaths.py) turned
+# off, so that the generic kernels stay tested on them as well
+SESSIONS = [*BACKENDS, "numpy-generic", "torch-generic"]
 # What each backend's session installs besides the package with its `test` extra
 # (pytest, mpmath, hypothesis, scipy). Versions come from pyproject's extras.
 BACKEND_INSTALL = {
@@ -39,13 +42,17 @@ LINTED = ["stablemath", "tests", "benchmarks", "noxfile.py"]
 
 
 @nox.session
-@nox.parametrize("backend", BACKENDS, ids=BACKENDS)
+@nox.parametrize("backend", SESSIONS, ids=SESSIONS)
 def tests(session: nox.Session, backend: str) -> None:
     """The test suite on one backend; STABLEMATH_BACKEND tells the tests which.
 
     Arguments after ``--`` go to pytest, e.g. ``nox -s "tests(torch)" -- -k softmax -x``.
     Without them, NumPy also runs the docstring examples.
     """
+    env = {}
+    if backend.endswith("-generic"):
+        backend = backend.removesuffix("-generic")
+        env["STABLEMATH_DISABLE_FASTPATHS"] = "1"
     session.install(*BACKEND_INSTALL[backend])
     args = session.posargs
     if not args:
@@ -53,7 +60,7 @@ def tests(session: nox.Session, backend: str) -> None:
         if backend == "numpy":
             # (modules needing an optional dependency, e.g. Triton, are skipped)
             args += ["--doctest-modules", "--doctest-ignore-import-errors", "stablemath", "tests"]
-    session.run("pytest", *args, env={"STABLEMATH_BACKEND": backend})
+    session.run("pytest", *args, env={"STABLEMATH_BACKEND": backend, **env})
 
 
 @nox.session
@@ -94,3 +101,4 @@ def demo(session: nox.Session) -> None:
     """
     session.install(".", "scipy", TORCH, "jax[cpu]", "optax")
     session.run("python", "benchmarks/demo.py")
+

@@ -150,11 +150,20 @@ def _squeeze(a: Any, axes: tuple[int, ...], keepdims: bool, *, xp: Any) -> Any:
     return a if keepdims or not axes else xp.squeeze(a, axis=axes)
 
 
-def softmax(x: Any, /, *, axes: tuple[int, ...], live: Any, xp: Any) -> Any:
-    """``exp(x - m) / sum(exp(x - m))`` over ``axes``; 0 at masked entries."""
+def softmax(x: Any, /, *, axes: tuple[int, ...], live: Any, compensate: bool, xp: Any) -> Any:
+    """``exp(x - m) / sum(exp(x - m))`` over ``axes``; 0 at masked entries.
+
+    ``compensate=False`` is for inputs widened from a dtype of at most half the
+    precision (float32 computed in float64): there ``x - m`` is exact and a plain sum
+    is far more accurate than the output needs, so the error-free corrections of the
+    shift and of the sum are skipped (half the passes over the data).
+    """
     _, m0, z = _shift(x, axes, live, xp=xp)
-    low = _shift_remainder(x, m0, z, live, xp=xp)
     e = xp.exp(z)
+    if not compensate:
+        total = xp.sum(e, axis=axes, keepdims=True)
+        return e / xp.where(total == 0, 1.0, total)
+    low = _shift_remainder(x, m0, z, live, xp=xp)
     e = e + e * low
     # E / Z rather than exp(x - lse): the latter loses relative accuracy on long rows.
     # Z = hi + lo to far below an ulp; dividing by the pair leaves two roundings (exp
@@ -165,9 +174,13 @@ def softmax(x: Any, /, *, axes: tuple[int, ...], live: Any, xp: Any) -> Any:
     return q - q * (lo / hi)
 
 
-def log_softmax(x: Any, /, *, axes: tuple[int, ...], live: Any, xp: Any) -> Any:
-    """``(x - m) - log(sum(exp(x - m)))`` over ``axes``; ``-inf`` at masked entries."""
+def log_softmax(x: Any, /, *, axes: tuple[int, ...], live: Any, compensate: bool, xp: Any) -> Any:
+    """``(x - m) - log(sum(exp(x - m)))`` over ``axes``; ``-inf`` at masked entries.
+    ``compensate`` as in :func:`softmax`."""
     _, m0, z = _shift(x, axes, live, xp=xp)
+    if not compensate:
+        _, _, log_total = _log_sum(z, axes, xp=xp)
+        return z - log_total
     low = _shift_remainder(x, m0, z, live, xp=xp)
     _, _, log_total = _log_sum(z, axes, xp=xp, low=low)
     return (z - log_total) + low

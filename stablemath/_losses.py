@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from . import _kernels, _triton
+from . import _fastpaths, _kernels, _triton
 from ._lib._compat import array_namespace, can_inspect_values, device, finish
 from ._lib._utils import (
     check_complex,
@@ -237,9 +237,21 @@ def cross_entropy(
             z_loss=float(z_loss),
             where=mask,
         )
+    weight = _prepare_weight(xp, weight, shape[ax], work)
+    if not soft and mask is None and softcap is None and t == 1.0 and z_loss == 0:
+        fast = _fastpaths.cross_entropy(
+            logits,
+            target,
+            axis=ax,
+            weight=weight,
+            ignore_index=ignore_index,
+            reduction=reduction,
+            label_smoothing=float(label_smoothing),
+        )
+        if fast is not None:
+            return fast
     if logits.dtype != work:
         logits = xp.astype(logits, work)
-    weight = _prepare_weight(xp, weight, shape[ax], work)
 
     loss = _kernels.cross_entropy(
         logits,

@@ -24,16 +24,22 @@ def ad(request):
     return request.param
 
 
-def grad(ad, f, x):
-    """Gradient of a scalar function ``f`` at the float64 NumPy point ``x``."""
+def grad(ad, f, x, dtype="float64"):
+    """Gradient of a scalar function ``f`` at the NumPy point ``x`` taken in ``dtype``
+    (float32 inputs take the fast paths of stablemath/_fastpaths.py on torch CPU)."""
     if ad.name == "torch":
         torch = ad.module
-        t = torch.tensor(x, dtype=torch.float64, requires_grad=True)
+        t = torch.tensor(x, dtype=getattr(torch, dtype), requires_grad=True)
         f(t).backward()
-        return t.grad.numpy()
+        return t.grad.double().numpy()
     import jax
 
-    return np.asarray(jax.grad(f)(jax.numpy.asarray(x)))
+    return np.asarray(jax.grad(f)(jax.numpy.asarray(x, dtype=dtype)), dtype=np.float64)
+
+
+# (rtol, atol) of the gradient checks per input dtype
+TOL = {"float64": (1e-13, 1e-16), "float32": (2e-6, 1e-7)}
+DTYPES = pytest.mark.parametrize("dtype", list(TOL))
 
 
 def _softmax(row):
@@ -53,45 +59,51 @@ ROWS = {
 }
 
 
+@DTYPES
 @pytest.mark.parametrize("case", list(ROWS))
-def test_logsumexp_gradient_is_softmax(ad, case):
+def test_logsumexp_gradient_is_softmax(ad, case, dtype):
     row = np.array(ROWS[case])
-    g = grad(ad, lambda x: sm.logsumexp(x), row)
-    np.testing.assert_allclose(g, _softmax(row), rtol=1e-14, atol=1e-300)
+    g = grad(ad, lambda x: sm.logsumexp(x), row, dtype)
+    rtol = 1e-14 if dtype == "float64" else 2e-7
+    np.testing.assert_allclose(g, _softmax(row), rtol=rtol, atol=1e-300)
 
 
-def test_logsumexp_gradient_at_pos_inf(ad):
+@DTYPES
+def test_logsumexp_gradient_at_pos_inf(ad, dtype):
     row = np.array([INF, 1.0, INF, -INF])
-    g = grad(ad, lambda x: sm.logsumexp(x), row)
+    g = grad(ad, lambda x: sm.logsumexp(x), row, dtype)
     np.testing.assert_array_equal(g, [0.5, 0.0, 0.5, 0.0])
 
 
+@DTYPES
 @pytest.mark.parametrize("case", list(ROWS))
-def test_softmax_and_log_softmax_gradients(ad, case):
+def test_softmax_and_log_softmax_gradients(ad, case, dtype):
     row = np.array(ROWS[case])
     v = np.array([0.3, -1.0, 2.0, 0.5])
     p = _softmax(row)
+    rtol, atol = TOL[dtype]
     # d/dx sum(v * softmax(x)) = p * (v - p.v)
-    g = grad(ad, lambda x: (sm.softmax(x) * ad_const(ad, v)).sum(), row)
-    np.testing.assert_allclose(g, p * (v - p @ v), rtol=1e-13, atol=1e-16)
+    g = grad(ad, lambda x: (sm.softmax(x) * ad_const(ad, v, dtype)).sum(), row, dtype)
+    np.testing.assert_allclose(g, p * (v - p @ v), rtol=rtol, atol=atol)
     # d/dx sum(v * log_softmax(x)) over the live entries = v - p * sum(v)
     live = row > -INF
     vl = np.where(live, v, 0.0)
     g = grad(
         ad,
-        lambda x: ad_where_sum(ad, live, sm.log_softmax(x) * ad_const(ad, vl)),
+        lambda x: ad_where_sum(ad, live, sm.log_softmax(x) * ad_const(ad, vl, dtype)),
         row,
+        dtype,
     )
     want = np.where(live, vl - p * vl.sum(), 0.0) if live.any() else np.zeros(4)
-    np.testing.assert_allclose(g, want, rtol=1e-13, atol=1e-16)
+    np.testing.assert_allclose(g, want, rtol=rtol, atol=atol)
 
 
-def ad_const(ad, a):
+def ad_const(ad, a, dtype="float64"):
     if ad.name == "torch":
-        return ad.module.tensor(a, dtype=ad.module.float64)
+        return ad.module.tensor(a, dtype=getattr(ad.module, dtype))
     import jax.numpy as jnp
 
-    return jnp.asarray(a)
+    return jnp.asarray(a, dtype=dtype)
 
 
 def ad_where_sum(ad, mask, y):
@@ -131,31 +143,60 @@ CE_ROWS = [
 ]
 
 
+@DTYPES
 @pytest.mark.parametrize("case", range(len(CE_ROWS)))
-def test_cross_entropy_gradient(ad, case):
+def test_cross_entropy_gradient(ad, case, dtype):
     row, t = CE_ROWS[case]
     row = np.array([row])
     tgt = ad_const(ad, np.array([t])).astype(int) if ad.name == "jax" else ad.module.tensor([t])
-    g = grad(ad, lambda x: sm.cross_entropy(x, tgt), row)
+    g = grad(ad, lambda x: sm.cross_entropy(x, tgt), row, dtype)
     want = _softmax(row[0]) - np.eye(3)[t]
-    np.testing.assert_allclose(g[0], want, rtol=1e-14, atol=1e-300)
+    rtol = 1e-14 if dtype == "float64" else 2e-7
+    np.testing.assert_allclose(g[0], want, rtol=rtol, atol=1e-300)
 
 
-def test_cross_entropy_gradient_finite_at_pos_inf(ad):
+@DTYPES
+def test_cross_entropy_gradient_with_options(ad, dtype):
+    """weight, ignore_index, label_smoothing and the weighted mean: the gradient by
+    hand (PyTorch's definition), in float64 and in float32 (torch's fast path)."""
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((4, 5)) * 3).astype(dtype).astype(np.float64)
+    t = np.array([0, 4, -100, 2])
+    w = rng.random(5) + 0.5
+    kw = {"ignore_index": -100, "label_smoothing": 0.1}
+    tgt = ad_const(ad, t).astype(int) if ad.name == "jax" else ad.module.tensor(t)
+    g = grad(ad, lambda x: sm.cross_entropy(x, tgt, weight=ad_const(ad, w, dtype), **kw), x, dtype)
+    g64 = grad(ad, lambda x: sm.cross_entropy(x, tgt, weight=ad_const(ad, w), **kw), x)
+    # per kept sample: w[t] (1 - e) (p - onehot(t)) + (e / C) sum_c w[c] (p - onehot(c)),
+    # divided by the sum of w[t] over kept samples
+    p = np.stack([_softmax(r) for r in x])
+    kept = t != -100
+    onehot = np.eye(5)[np.where(kept, t, 0)]
+    wt = np.where(kept, w[np.where(kept, t, 0)], 0.0)
+    e = 0.1
+    per = (1 - e) * wt[:, None] * (p - onehot) + (e / 5) * (w.sum() * p - w[None, :])
+    want = np.where(kept[:, None], per, 0.0) / wt.sum()
+    np.testing.assert_allclose(g64, want, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(g, want, rtol=TOL[dtype][0], atol=1e-7)
+
+
+@DTYPES
+def test_cross_entropy_gradient_finite_at_pos_inf(ad, dtype):
     row = np.array([[INF, 1.0, INF]])
     tgt = ad_const(ad, np.array([0])).astype(int) if ad.name == "jax" else ad.module.tensor([0])
-    g = grad(ad, lambda x: sm.cross_entropy(x, tgt), row)
+    g = grad(ad, lambda x: sm.cross_entropy(x, tgt), row, dtype)
     assert np.all(np.isfinite(g))
 
 
-def test_cross_entropy_ignored_and_all_ignored_gradient(ad):
+@DTYPES
+def test_cross_entropy_ignored_and_all_ignored_gradient(ad, dtype):
     row = np.array([[-INF, -INF], [1.0, 2.0]])
     tgt = (
         ad_const(ad, np.array([-100, -100])).astype(int)
         if ad.name == "jax"
         else ad.module.tensor([-100, -100])
     )
-    g = grad(ad, lambda x: sm.cross_entropy(x, tgt), row)
+    g = grad(ad, lambda x: sm.cross_entropy(x, tgt), row, dtype)
     np.testing.assert_array_equal(g, 0.0)
 
 

@@ -56,10 +56,16 @@ OPTIONS = list(
 )
 
 
+# float32 logits take the torch-CPU fast path (stablemath/_fastpaths.py) where it applies
+DTYPES = pytest.mark.parametrize("dtype", ["float64", "float32"])
+RTOL = {"float64": 1e-12, "float32": 1e-6}
+
+
+@DTYPES
 @pytest.mark.parametrize(("reduction", "smoothing", "weighted", "ignore", "z"), OPTIONS)
-def test_hard_targets_class_axis_1(backend, reduction, smoothing, weighted, ignore, z):
+def test_hard_targets_class_axis_1(backend, reduction, smoothing, weighted, ignore, z, dtype):
     rng = np.random.default_rng(1)
-    x = rng.standard_normal((3, 4, 2, 2)) * 5
+    x = (rng.standard_normal((3, 4, 2, 2)) * 5).astype(dtype).astype(np.float64)
     t = rng.integers(0, 4, (3, 2, 2))
     if ignore is not None:
         t[0, 0, 0] = ignore  # ignore_index that is also a valid class
@@ -68,14 +74,14 @@ def test_hard_targets_class_axis_1(backend, reduction, smoothing, weighted, igno
     w = rng.random(4) + 0.1 if weighted else None
     kw = {"reduction": reduction, "label_smoothing": smoothing, "ignore_index": ii, "z_loss": z}
     got = sm.cross_entropy(
-        backend.asarray(x),
+        backend.asarray(x, dtype=dtype),
         backend.asarray(t),
         axis=1,
-        weight=None if w is None else backend.asarray(w),
+        weight=None if w is None else backend.asarray(w, dtype=dtype),
         **kw,
     )
     want = ref.np_cross_entropy(x, t, axis=1, weight=w, **kw)
-    np.testing.assert_allclose(_np(backend, got), want, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(_np(backend, got), want, rtol=RTOL[dtype], atol=1e-15)
 
 
 @pytest.mark.parametrize(
@@ -174,15 +180,18 @@ CE_EDGES = [
 ]
 
 
+@DTYPES
 @pytest.mark.parametrize("case", range(len(CE_EDGES)))
-def test_cross_entropy_edges(backend, case):
+def test_cross_entropy_edges(backend, case, dtype):
     row, t, want = CE_EDGES[case]
     if want is None:
         want = float(ref.cross_entropy(np.array([row]), np.array([t]))[0])
-    got = sm.cross_entropy(
-        backend.asarray(np.array([row])), backend.asarray(np.array([t])), reduction="none"
-    )
-    np.testing.assert_allclose(_np(backend, got), [want], rtol=1e-15)
+    x = backend.asarray(np.array([row]), dtype=dtype)
+    for reduction in ("none", "sum", "mean"):
+        got = sm.cross_entropy(x, backend.asarray(np.array([t])), reduction=reduction)
+        got = np.reshape(_np(backend, got), -1)
+        rtol = 1e-15 if dtype == "float64" else 1e-7
+        np.testing.assert_allclose(got, [want], rtol=rtol, err_msg=reduction)
 
 
 @pytest.mark.parametrize(("smoothing", "z"), [(0.1, 0.0), (0.0, 1e-4)])
@@ -194,8 +203,9 @@ def test_cross_entropy_pos_inf_with_smoothing_or_z_loss(backend, smoothing, z):
     np.testing.assert_array_equal(_np(backend, got), [INF])
 
 
-def test_ignored_row_of_any_value_gives_zero(backend):
-    x = backend.asarray(np.array([[-INF, -INF], [INF, INF], [1.0, 2.0]]))
+@DTYPES
+def test_ignored_row_of_any_value_gives_zero(backend, dtype):
+    x = backend.asarray(np.array([[-INF, -INF], [INF, INF], [1.0, 2.0]]), dtype=dtype)
     t = backend.asarray(np.array([-100, -100, 0]))
     got = _np(backend, sm.cross_entropy(x, t, reduction="none"))
     np.testing.assert_array_equal(got[:2], [0.0, 0.0])
@@ -227,16 +237,18 @@ def test_half_precision_loss(backend, dtype):
     np.testing.assert_allclose(_np(backend, got), [998.0, math.log(3.0)], rtol=2**-7)
 
 
-def test_all_ignored_mean_is_zero(backend):
-    x = backend.asarray(np.array([[1.0, 2.0], [3.0, 4.0]]))
+@DTYPES
+def test_all_ignored_mean_is_zero(backend, dtype):
+    x = backend.asarray(np.array([[1.0, 2.0], [3.0, 4.0]]), dtype=dtype)
     t = backend.asarray(np.array([-100, -100]))
     got = sm.cross_entropy(x, t)
     assert float(_np(backend, got)) == 0.0
     assert got.ndim == 0
 
 
-def test_zero_weight_class_contributes_zero_even_at_inf(backend):
-    x = np.array([[0.0, -INF, 1.0], [2.0, 1.0, 0.0]])
+@DTYPES
+def test_zero_weight_class_contributes_zero_even_at_inf(backend, dtype):
+    x = np.array([[0.0, -INF, 1.0], [2.0, 1.0, 0.0]]).astype(dtype)
     t = np.array([1, 0])
     w = np.array([1.0, 0.0, 2.0])
     for smoothing in (0.0, 0.1):

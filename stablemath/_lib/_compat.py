@@ -149,16 +149,17 @@ def finish(result: Any, dtype: Any, xp: Any) -> Any:
     encountered in cast" warning of NumPy (and of the libraries computing with it:
     array-api-strict eagerly, Dask when the graph runs) is silenced for this cast.
     """
-    if result.dtype != dtype:
-        lib = library_name(result)
-        if lib == "dask":
-            result = result.map_blocks(_cast_quietly, dtype, dtype=dtype)
-        elif lib in ("numpy", "array_api_strict"):
-            with np.errstate(over="ignore"):
-                result = xp.astype(result, dtype)
-        else:
-            result = xp.astype(result, dtype)
-    return ensure_array(result, xp)
+    if result.dtype == dtype:
+        return ensure_array(result, xp)
+    if isinstance(result, np.ndarray | np.generic):
+        return ensure_array(_cast_quietly(result, dtype), xp)
+    lib = library_name(result)
+    if lib == "dask":
+        return result.map_blocks(_cast_quietly, dtype, dtype=dtype)
+    if lib == "array_api_strict":
+        with np.errstate(over="ignore"):
+            return xp.astype(result, dtype)
+    return ensure_array(xp.astype(result, dtype), xp)
 
 
 def _cast_quietly(block: Any, dtype: Any) -> Any:

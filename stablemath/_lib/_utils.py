@@ -58,9 +58,31 @@ def single_axis(axis: int, ndim: int, name: str = "axis") -> int:
     return normalize_axis(axis, ndim)[0]
 
 
+# (type of the dtype, dtype) -> "real" | "complex" | "other". The type comes first in
+# the key so that dtypes of different libraries with equal hashes are never compared
+# (array-api-strict warns when its dtypes meet NumPy's).
+_KINDS: dict[tuple[type, Any], str] = {}
+
+
+def dtype_kind(xp: Any, dtype: Any) -> str:
+    """``"real"`` (real floating), ``"complex"`` or ``"other"``, cached per dtype:
+    ``isdtype`` costs microseconds per call on NumPy, and every call needs it."""
+    key = (type(dtype), dtype)
+    kind = _KINDS.get(key)
+    if kind is None:
+        if xp.isdtype(dtype, "real floating"):
+            kind = "real"
+        elif xp.isdtype(dtype, "complex floating"):
+            kind = "complex"
+        else:
+            kind = "other"
+        _KINDS[key] = kind
+    return kind
+
+
 def check_complex(xp: Any, x: Any, func: str) -> None:
     """Reject complex input for functions whose result would be meaningless on it."""
-    if xp.isdtype(x.dtype, "complex floating"):
+    if dtype_kind(xp, x.dtype) == "complex":
         msg = f"{func} does not accept complex input (got dtype {x.dtype}); use real logits"
         raise TypeError(msg)
 
@@ -68,7 +90,7 @@ def check_complex(xp: Any, x: Any, func: str) -> None:
 def float_dtype(xp: Any, x: Any) -> Any:
     """The floating dtype ``x`` is computed as: its own, or the default floating dtype
     of its namespace for integer and boolean input."""
-    if xp.isdtype(x.dtype, ("real floating", "complex floating")):
+    if dtype_kind(xp, x.dtype) != "other":
         return x.dtype
     info = xp.__array_namespace_info__()
     return info.default_dtypes(device=None)["real floating"]

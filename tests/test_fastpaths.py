@@ -1,0 +1,163 @@
+"""Which path runs: the NumPy and torch-CPU fast paths (stablemath/_fastpaths.py) take
+float32 inputs with finite slice maxima, hand every other input to the generic kernels,
+and are turned off by STABLEMATH_DISABLE_FASTPATHS=1. (Their values are held to the
+SPEC by the whole suite, which the nox sessions run with and without them.)"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from conftest import backends_named
+
+import stablemath as sm
+from stablemath import _fastpaths, _kernels
+
+FAST = backends_named("numpy", "torch")
+pytestmark = pytest.mark.skipif(not FAST, reason="numpy/torch not selected")
+FUNCS = ["softmax", "log_softmax", "logsumexp"]
+
+
+@pytest.fixture(params=FAST, ids=[b.name for b in FAST])
+def fb(request):
+    if request.param.name == "torch" and str(request.param.asarray([0.0]).device) != "cpu":
+        pytest.skip("the torch fast path is for CPU tensors")
+    return request.param
+
+
+@pytest.fixture
+def generic_calls(monkeypatch):
+    """Count the calls of the generic kernels."""
+    calls = []
+    for name in FUNCS:
+        real = getattr(_kernels, name)
+
+        def spy(*args, _real=real, _name=name, **kwargs):
+            calls.append(_name)
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(_kernels, name, spy)
+    return calls
+
+
+def _call(fb, func, row, dtype="float32", **kw):
+    return getattr(sm, func)(fb.asarray(np.array(row), dtype=dtype), **kw)
+
+
+@pytest.mark.parametrize("func", FUNCS)
+def test_float32_takes_the_fast_path(fb, func, generic_calls, monkeypatch):
+    monkeypatch.delenv(_fastpaths.DISABLE_ENV, raising=False)
+    _call(fb, func, [[1.0, 2.0, -math.inf], [0.0, 0.0, 3.0]])
+    _call(fb, func, [[1.0, 2.0, -math.inf], [0.0, 0.0, 3.0]], axis=0)
+    assert generic_calls == []
+
+
+@pytest.mark.parametrize("func", FUNCS)
+@pytest.mark.parametrize(
+    ("row", "dtype", "kw"),
+    [
+        ([[1.0, math.inf, 0.0]], "float32", {}),  # +inf maximum
+        ([[-math.inf, -math.inf]], "float32", {}),  # all -inf
+        ([[1.0, math.nan]], "float32", {}),  # NaN
+        ([[1.0, 2.0]], "float64", {}),  # float64: no exact shift in a wider dtype
+        ([[1.0, 2.0]], "float32", {"axis": (0, 1)}),  # several axes
+        ([[1.0, 2.0]], "float32", {"axis": None}),
+    ],
+)
+def test_other_inputs_take_the_generic_path(fb, func, row, dtype, kw, generic_calls, monkeypatch):
+    monkeypatch.delenv(_fastpaths.DISABLE_ENV, raising=False)
+    _call(fb, func, row, dtype, **kw)
+    assert generic_calls == [func]
+
+
+def test_options_take_the_generic_path(fb, generic_calls, monkeypatch):
+    monkeypatch.delenv(_fastpaths.DISABLE_ENV, raising=False)
+    x = fb.asarray(np.array([[1.0, 2.0, 3.0]]), dtype="float32")
+    mask = fb.asarray(np.array([[True, False, True]]))
+    sm.softmax(x, where=mask)
+    sm.log_softmax(x, dtype=fb.dtype("float64"))
+    sm.logsumexp(x, b=x)
+    sm.logsumexp(x, return_sign=True)
+    assert generic_calls == ["softmax", "log_softmax", "logsumexp", "logsumexp"]
+
+
+@pytest.mark.parametrize("func", FUNCS)
+def test_switch_turns_the_fast_paths_off(fb, func, generic_calls, monkeypatch):
+    monkeypatch.setenv(_fastpaths.DISABLE_ENV, "1")
+    _call(fb, func, [[1.0, 2.0, 3.0]])
+    assert generic_calls == [func]
+
+
+@pytest.mark.parametrize("func", FUNCS)
+def test_paths_agree(fb, func, monkeypatch):
+    """Same values on both paths, to within an ulp of float32 (both are within an ulp
+    or two of the exact value, SPEC §3.5), across scales, ties and -inf entries."""
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((64, 50)) * rng.choice([0.1, 1, 30, 300], (64, 1))).astype(np.float32)
+    x[:8, :3] = x[:8, 3:4]  # ties at the maximum
+    x[8:16, ::7] = -np.inf
+    x[16, :] = 0.0
+    x[17, 1:] = -200.0  # one dominant term
+    got = {}
+    for mode in ("", "1"):
+        monkeypatch.setenv(_fastpaths.DISABLE_ENV, mode)
+        got[mode] = fb.to_numpy(_call(fb, func, x)).astype(np.float64)
+    fast, generic = got[""], got["1"]
+    np.testing.assert_array_equal(np.isfinite(fast), np.isfinite(generic))
+    finite = np.isfinite(fast)
+    spacing = np.spacing(np.abs(generic[finite]).astype(np.float32)).astype(np.float64)
+    assert np.all(np.abs(fast[finite] - generic[finite]) <= 2 * spacing)
+    np.testing.assert_array_equal(fast[~finite], generic[~finite])
+
+
+@pytest.fixture
+def generic_ce_calls(monkeypatch):
+    calls = []
+    real = _kernels.cross_entropy
+
+    def spy(*args, **kwargs):
+        calls.append("cross_entropy")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(_kernels, "cross_entropy", spy)
+    return calls
+
+
+def _ce(fb, row, target, **kw):
+    x = fb.asarray(np.array(row), dtype="float32")
+    return sm.cross_entropy(x, fb.asarray(np.array(target)), **kw)
+
+
+def test_cross_entropy_fast_path_on_torch(fb, generic_ce_calls, monkeypatch):
+    """torch CPU float32 hard targets with torch's own options run torch's loss in
+    float64; NumPy (no native loss to reuse) stays on the generic kernel."""
+    monkeypatch.delenv(_fastpaths.DISABLE_ENV, raising=False)
+    w = fb.asarray(np.array([1.0, 2.0, 0.5]), dtype="float32")
+    rows = [[1.0, 2.0, 3.0], [0.0, -1.0, 5.0]]
+    for reduction in ("none", "sum", "mean"):
+        _ce(fb, rows, [0, 2], reduction=reduction, weight=w, label_smoothing=0.1)
+    _ce(fb, [[[1.0, 2.0], [3.0, 0.0], [0.5, 0.5]]], [[1, 2]], axis=1, ignore_index=2)
+    _ce(fb, [[1.0, 2.0, 0.0], [1.0, 2.0, 0.0]], [0, -100], reduction="none")
+    assert generic_ce_calls == ([] if fb.name == "torch" else ["cross_entropy"] * 5)
+
+
+@pytest.mark.parametrize(
+    ("row", "target", "kw"),
+    [
+        ([[100.0, 1.0, 0.0]], [0], {}),  # confident: loss below 2**-20, SPEC §3.5
+        ([[1.0, -math.inf, 0.0]], [1], {}),  # -inf at the target: +inf
+        ([[math.inf, 1.0, 0.0]], [0], {}),  # +inf logit
+        ([[1.0, 2.0, 0.0]], [-100], {}),  # all ignored: 0, not torch's NaN
+        ([[1.0, 2.0, 0.0]], [0], {"z_loss": 1e-4}),  # options torch lacks
+        ([[1.0, 2.0, 0.0]], [0], {"softcap": 30.0}),
+        ([[1.0, 2.0, 0.0]], [0], {"temperature": 2.0}),
+        ([[1.0, 2.0, 0.0]], [0], {"where": True}),
+    ],
+)
+def test_cross_entropy_generic_cases(fb, row, target, kw, generic_ce_calls, monkeypatch):
+    monkeypatch.delenv(_fastpaths.DISABLE_ENV, raising=False)
+    if kw.get("where") is True:
+        kw = {"where": fb.asarray(np.array([True]))}
+    _ce(fb, row, target, **kw)
+    assert generic_ce_calls == ["cross_entropy"]
