@@ -76,3 +76,77 @@ def test_optax_cross_entropies(dtype, scale):
     np.testing.assert_allclose(
         np.asarray(soft), np.asarray(optax.softmax_cross_entropy(x, q)), **TOL[dtype]
     )
+
+
+@pytest.mark.skipif(not backends_named("jax"), reason="jax backend not selected")
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("scale", [1.0, 30.0])
+def test_optax_cross_entropies_with_where(dtype, scale):
+    """optax's ``where`` masks classes out of the softmax: stablemath's masked
+    log_softmax picked at the label, and its cross_entropy of logits with the masked
+    classes at -inf (soft labels 0 there), give the same losses."""
+    optax = pytest.importorskip("optax")
+    import jax.numpy as jnp
+
+    x = jnp.asarray(_logits(dtype, scale))
+    t = np.arange(6) % 9
+    where = np.random.default_rng(10).random((6, 9)) < 0.6
+    where[np.arange(6), t] = True  # the label itself is live
+    q = np.where(where, np.random.default_rng(11).random((6, 9)), 0.0)
+    q = jnp.asarray(q / q.sum(-1, keepdims=True), dtype=dtype)
+    w, tj = jnp.asarray(where), jnp.asarray(t)
+    want_hard = optax.softmax_cross_entropy_with_integer_labels(x, tj, where=w)
+    picked = -jnp.take_along_axis(sm.log_softmax(x, where=w), tj[:, None], axis=-1)[:, 0]
+    masked = jnp.where(w, x, -jnp.inf)
+    for got in (picked, sm.cross_entropy(masked, tj, reduction="none")):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want_hard), **TOL[dtype])
+    want_soft = optax.softmax_cross_entropy(x, q, where=w)
+    got_soft = sm.cross_entropy(masked, q, reduction="none")
+    np.testing.assert_allclose(np.asarray(got_soft), np.asarray(want_soft), **TOL[dtype])
+
+
+TORCH_CE_OPTIONS = [
+    (weighted, ignore, reduction, smoothing, soft)
+    for weighted in (False, True)
+    for ignore in (-100, 2)
+    for reduction in ("mean", "sum", "none")
+    for smoothing in (0.0, 0.1)
+    for soft in (False, True)
+    if not (soft and ignore != -100)  # ignore_index applies to class indices only
+]
+
+
+@pytest.mark.skipif(not backends_named("torch"), reason="torch backend not selected")
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("scale", [1.0, 30.0])
+@pytest.mark.parametrize(
+    ("weighted", "ignore", "reduction", "smoothing", "soft"), TORCH_CE_OPTIONS
+)
+def test_torch_cross_entropy_and_nll_every_option(
+    dtype, scale, weighted, ignore, reduction, smoothing, soft
+):
+    """F.cross_entropy and F.nll_loss directly, over the product of their options, class
+    axis 1 of an (N, C, d1, d2) input, on the same float32/float64 values."""
+    import torch
+    import torch.nn.functional as F
+
+    rng = np.random.default_rng(12)
+    x = torch.from_numpy((rng.standard_normal((3, 5, 2, 2)) * scale).astype(dtype))
+    t = rng.integers(0, 5, (3, 2, 2))
+    t[0, 0, 0] = t[2, 1, 1] = ignore  # ignore_index 2 is also a valid class
+    if soft:
+        q = rng.random((3, 5, 2, 2))
+        target = torch.from_numpy((q / q.sum(1, keepdims=True)).astype(dtype))
+    else:
+        target = torch.from_numpy(t)
+    w = torch.from_numpy((rng.random(5) + 0.2).astype(dtype)) if weighted else None
+    kw = {"weight": w, "reduction": reduction, "label_smoothing": smoothing}
+    if not soft:
+        kw["ignore_index"] = ignore
+    got = sm.cross_entropy(x, target, axis=1, **kw)
+    np.testing.assert_allclose(got.numpy(), F.cross_entropy(x, target, **kw).numpy(), **TOL[dtype])
+    if not soft and smoothing == 0.0:
+        del kw["label_smoothing"]
+        lp = torch.log_softmax(x, 1)
+        got = sm.nll_loss(lp, target, axis=1, **kw)
+        np.testing.assert_allclose(got.numpy(), F.nll_loss(lp, target, **kw).numpy(), **TOL[dtype])
