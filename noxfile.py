@@ -102,3 +102,25 @@ def demo(session: nox.Session) -> None:
     session.install(".", "scipy", TORCH, "jax[cpu]", "optax")
     session.run("python", "benchmarks/demo.py")
 
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """The documentation site (mkdocs.yml, docs/), built strictly into site/.
+
+    First tests/test_docs.py: the committed tables under docs/generated/ equal the
+    output of the commands that make them, and every ```python example on the pages is
+    marked for execution. Then ``mkdocs build --strict``, during which markdown-exec runs
+    those examples; any warning, a failing example included, fails the build. Every
+    framework the examples compare against is installed, so nothing is skipped.
+    ``nox -s docs -- regenerate`` rewrites docs/generated/ first (python docs/generate.py);
+    ``nox -s docs -- serve`` serves the site on localhost:8000 instead of building it.
+    """
+    session.install(".[docs,test,jax,dask]", TORCH, "optax")
+    env = {"NO_MKDOCS_2_WARNING": "1"}  # Material's banner about MkDocs 2, not a warning
+    if "regenerate" in session.posargs:
+        session.run("python", "docs/generate.py")
+    if "serve" in session.posargs:
+        session.run("mkdocs", "serve", env=env)
+        return
+    session.run("pytest", "tests/test_docs.py", "-q", "-p", "no:cacheprovider")
+    session.run("mkdocs", "build", "--strict", env=env)
