@@ -95,7 +95,7 @@ def ref_softmax(x, axes, where=None, temperature=1.0, log=False):
     if temperature != 1.0:
         x = x / temperature
     fn = generic.log_softmax if log else generic.softmax
-    return fn(x, axes=axes, live=where, xp=txp)
+    return fn(x, axes=axes, live=where, compensate=True, xp=txp)
 
 
 def ref_logsumexp(x, axes, where=None, keepdims=False):
