@@ -29,8 +29,8 @@ all at edges where the generic path's gradient or value is NaN or 0 by construct
   ``inf``/NaN with ``z_loss``); the z-loss term's gradient, infinite there, is omitted.
 * cross_entropy with ``weight``: a class of weight 0 contributes 0 where its
   ``lse - x_c`` is ``+inf`` (the generic path computes ``0 * inf = NaN``).
-* Float32 arithmetic on the GPU: results are within a few float32 ulp (the generic
-  path computes float32 input in float64). Triton flushes float32 subnormals to zero.
+* float32 input is computed in float64 (as on the CPU), float16/bfloat16 in float32;
+  compiled Triton kernels flush float32 subnormals to zero.
 * The cross-entropy backward scales the gradient computed by the forward in place when
   the autograd graph is not retained; with ``retain_graph``/``create_graph`` (and under
   ``torch.compile``) it scales a copy.

@@ -1,8 +1,8 @@
 """The Triton kernels: one program per row of a contiguous ``(rows, C)`` array.
 
-Every kernel reads its row in the input's dtype, computes in ``CDT`` (float32, or
-float64 for float64 input) and writes in the output's dtype. A row is read in blocks of
-``BLOCK`` columns; ``SINGLE`` rows (``C <= BLOCK``) are loaded once and kept in
+Every kernel reads its row in the input's dtype, computes in ``CDT`` (float32 for
+half precision, float64 for float32 and float64 input) and writes in the output's
+dtype. A row is read in blocks of ``BLOCK`` columns; ``SINGLE`` rows (``C <= BLOCK``) are loaded once and kept in
 registers, longer rows are streamed twice (statistics, then outputs), so a row of any
 length works.
 
