@@ -272,34 +272,28 @@ def _torch_cross_entropy(
 # --- dispatch -------------------------------------------------------------------------------
 
 
-def softmax(x: Any, axis: int, temperature: float) -> Any:
-    """``softmax(x / temperature)`` along ``axis``, or None where no fast path applies."""
+def _dispatch(numpy_impl: Any, torch_impl: Any, x: Any, *args: Any) -> Any:
     kind = _kind(x)
     if kind == "numpy":
-        return _np_softmax(x, axis, temperature)
+        return numpy_impl(x, *args)
     if kind == "torch":
-        return _torch_softmax(x, axis, temperature)
+        return torch_impl(x, *args)
     return None
+
+
+def softmax(x: Any, axis: int, temperature: float) -> Any:
+    """``softmax(x / temperature)`` along ``axis``, or None where no fast path applies."""
+    return _dispatch(_np_softmax, _torch_softmax, x, axis, temperature)
 
 
 def log_softmax(x: Any, axis: int, temperature: float) -> Any:
     """``log_softmax(x / temperature)`` along ``axis``, or None."""
-    kind = _kind(x)
-    if kind == "numpy":
-        return _np_log_softmax(x, axis, temperature)
-    if kind == "torch":
-        return _torch_log_softmax(x, axis, temperature)
-    return None
+    return _dispatch(_np_log_softmax, _torch_log_softmax, x, axis, temperature)
 
 
 def logsumexp(x: Any, axis: int, keepdims: bool) -> Any:
     """``logsumexp(x)`` along ``axis``, or None."""
-    kind = _kind(x)
-    if kind == "numpy":
-        return _np_logsumexp(x, axis, keepdims)
-    if kind == "torch":
-        return _torch_logsumexp(x, axis, keepdims)
-    return None
+    return _dispatch(_np_logsumexp, _torch_logsumexp, x, axis, keepdims)
 
 
 def cross_entropy(
