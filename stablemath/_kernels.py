@@ -20,9 +20,18 @@ reduced axes, with ``m = max(x)`` over the live entries:
 
 The "double where" rule is kept throughout: no branch of any ``where`` computes
 ``inf - inf``, ``0 * inf`` or ``log(0)``, so no NaN leaks into a gradient through the
-branch that was not selected. Gradients are those of the formulas, which are the
-analytic ones: the gradient of ``m`` (distributed over tied maxima by ``max``'s own
-derivative) cancels exactly against the ``-m`` inside ``z``.
+branch that was not selected.
+
+Gradients are those of the formulas, which are the analytic ones, with one rule given
+by hand: the derivative of the shift ``(m, z)`` (:func:`_shift_jvp`,
+:func:`_shift_vjp`, attached by :func:`stablemath._lib._compat.with_derivative`).
+In a finite row it is what autodiff of ``x - max(x)`` gives: ``dz = dx - w . dx`` with
+``w`` spread evenly over the tied maxima, ``dm = w . dx`` (at a masked entry,
+``z = -inf - m``, only ``-dm``). A ``+inf`` row gets the same
+rule, which no elementwise formula can express (every function of ``x`` that is finite
+at ``x = +inf`` has derivative 0 there): its ``z`` is constant, yet the rule makes
+every gradient the limit of the finite-row one (SPEC §3), e.g. ``softmax - onehot(t)``
+for the cross-entropy. All ``-inf`` rows have ``dz = 0``.
 """
 
 from __future__ import annotations
@@ -30,7 +39,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from ._lib._compat import device
+from ._lib._compat import device, with_derivative
 
 __all__ = [
     "cross_entropy",
@@ -49,9 +58,9 @@ def _zeros_like_scalar(a: Any, *, xp: Any) -> Any:
     return xp.zeros((), dtype=a.dtype, device=device(a))
 
 
-def _shift(x: Any, axes: tuple[int, ...], live: Any, *, xp: Any) -> tuple[Any, Any, Any]:
-    """Return ``(m, m0, z)``: the max over live entries, its finite stand-in, the
-    shifted logits. ``live`` is a boolean mask or None (all live)."""
+def _shift_value(x: Any, live: Any, axes: tuple[int, ...], *, xp: Any) -> tuple[Any, Any]:
+    """``(m, z)``: the max over live entries and the shifted logits (the values; their
+    derivative is :func:`_shift_jvp`)."""
     xm = x if live is None else xp.where(live, x, -_INF)
     m = xp.max(xm, axis=axes, keepdims=True)
     finite = xp.isfinite(m)
@@ -62,7 +71,47 @@ def _shift(x: Any, axes: tuple[int, ...], live: Any, *, xp: Any) -> tuple[Any, A
     subtract = finite | xp.isnan(xm)
     zero = _zeros_like_scalar(x, xp=xp)
     z = xp.where(subtract, xm - m0, xp.where(xm == _INF, zero, -_INF))
-    return m, m0, z
+    return m, z
+
+
+def _shift_weights(x: Any, live: Any, axes: tuple[int, ...], *, xp: Any) -> tuple[Any, Any, Any]:
+    """``(r, a, w)`` of the shift's derivative: ``r`` marks the rows whose max is not
+    ``-inf`` (kept dims), ``a`` the entries of those rows that are live, ``w`` is
+    ``1/k`` at the ``k`` tied maxima of each row and 0 elsewhere (0 in a NaN row)."""
+    xm = x if live is None else xp.where(live, x, -_INF)
+    m = xp.max(xm, axis=axes, keepdims=True)
+    tie = xp.astype(xm == m, x.dtype)
+    k = xp.sum(tie, axis=axes, keepdims=True)
+    w = tie / xp.where(k > 0, k, 1.0)
+    r = m != -_INF
+    return r, r if live is None else r & live, w
+
+
+def _shift_jvp(x: Any, live: Any, axes: tuple[int, ...], dx: Any, *, xp: Any) -> tuple[Any, Any]:
+    """Tangents ``(dm, dz)`` of :func:`_shift_value` along ``dx``: ``dm = w . dx`` and
+    ``dz = a * dx - dm`` in the rows ``r`` (a masked entry's ``z``, ``-inf - m``,
+    moves with ``m`` like ``x - m`` does), ``dz = 0`` in all ``-inf`` rows."""
+    r, a, w = _shift_weights(x, live, axes, xp=xp)
+    dm = xp.sum(w * dx, axis=axes, keepdims=True)
+    return dm, xp.where(r, xp.where(a, dx, 0.0) - dm, 0.0)
+
+
+def _shift_vjp(x: Any, live: Any, axes: tuple[int, ...], gm: Any, gz: Any, *, xp: Any) -> Any:
+    """Cotangent of ``x`` from those of ``(m, z)``: the transpose of :func:`_shift_jvp`,
+    ``gx = a * gz + w * (gm - sum(r * gz))``."""
+    r, a, w = _shift_weights(x, live, axes, xp=xp)
+    total = xp.sum(xp.where(r, gz, 0.0), axis=axes, keepdims=True)
+    return xp.where(a, gz, 0.0) + w * (gm - total)
+
+
+_shift_with_derivative = with_derivative(_shift_value, _shift_jvp, _shift_vjp)
+
+
+def _shift(x: Any, axes: tuple[int, ...], live: Any, *, xp: Any) -> tuple[Any, Any, Any]:
+    """Return ``(m, m0, z)``: the max over live entries, its finite stand-in, the
+    shifted logits. ``live`` is a boolean mask or None (all live)."""
+    m, z = _shift_with_derivative(x, live, axes, xp=xp)
+    return m, xp.where(xp.isfinite(m), m, 0.0), z
 
 
 def _shift_remainder(x: Any, m0: Any, z: Any, live: Any, *, xp: Any) -> Any:
@@ -365,13 +414,13 @@ def cross_entropy(
         bad = None
     else:
         onehot = _class_onehot(target, num_classes, axis, ndim, xp=xp)
-        x_t = xp.expand_dims(_pick(x, onehot, axis, xp=xp), axis=axis)
-        # shifted target logit: x[t] - m; in a +inf row 0 or -inf (the limit); in an
-        # all -inf row x[t] itself, so the loss is +inf with gradient -1 at the target
+        # shifted target logit z[t] = x[t] - m (in a +inf row 0 or -inf, with the
+        # limit derivative of z); in an all -inf row x[t] itself, so that the loss is
+        # +inf with gradient -1 at the target
         z_t = xp.where(
-            xp.isfinite(m),
-            x_t - m0,
-            xp.where(m == _INF, xp.where(x_t == _INF, _zeros_like_scalar(x, xp=xp), -_INF), x_t),
+            m == -_INF,
+            xp.expand_dims(_pick(x, onehot, axis, xp=xp), axis=axis),
+            xp.expand_dims(_pick(z, onehot, axis, xp=xp), axis=axis),
         )
         nll = xp.squeeze(log_total - z_t, axis=axis)
         kept = target != ignore_index
@@ -394,8 +443,12 @@ def cross_entropy(
         bad = kept & ((target < 0) | (target >= num_classes))
 
     if z_loss > 0:
+        # z_loss * lse**2; +inf in a +inf row, where its gradient (2 z lse p) would be
+        # infinite: there it is a constant, and the gradient keeps its finite limit
+        regular = xp.squeeze(~(m == _INF), axis=axis)
         lse = xp.squeeze(_lse_from_parts(m, m0, log_total, xp=xp), axis=axis)
-        loss = loss + z_loss * lse * lse
+        lse = xp.where(regular, lse, 0.0)
+        loss = loss + xp.where(regular, z_loss * lse * lse, _INF)
     if bad is not None:
         # only reached on traced or lazy arrays (eager ones raise first): a target
         # outside [0, C) makes that sample NaN, never a plausible number

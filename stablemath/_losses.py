@@ -168,7 +168,9 @@ def cross_entropy(
     with ``label_smoothing`` or ``z_loss`` above 0); NaN logits give NaN. Ignored and
     masked samples give 0 and gradient 0; if all are ignored, ``"mean"`` gives 0
     (PyTorch gives NaN). The gradient is ``w_t (softmax - onehot(t))`` (plus the
-    smoothing and z-loss terms), except in rows with ``+inf`` logits, where it is 0.
+    smoothing and z-loss terms); in rows with ``+inf`` logits it is the limit of that
+    formula, with the softmax ``1/k`` at the ``k`` ``+inf`` entries (the z-loss term,
+    whose gradient is infinite there, adds nothing), finite (SPEC §3).
 
     Examples
     --------

@@ -152,8 +152,9 @@ def softmax(
     - a NaN entry: the whole slice is NaN;
     - float16 and bfloat16 are computed in float32 and returned in their dtype.
 
-    The gradient is the analytic one, ``p * (g - sum(g * p))``. In a slice with ``+inf``
-    entries the output does not depend on the finite inputs, and the gradient there is 0.
+    The gradient is the analytic one, ``p * (g - sum(g * p))``, everywhere: in a slice
+    with ``+inf`` entries it is that formula with ``p`` the softmax above (``1/k`` at the
+    ``+inf`` entries), the limit of the gradient of finite slices, finite (SPEC §3).
 
     Examples
     --------
@@ -212,6 +213,10 @@ def log_softmax(
     all ``-inf`` or fully masked slice gives all ``-inf`` (gradient 0); ``k`` entries
     ``+inf`` give ``-log(k)`` there and ``-inf`` elsewhere; a NaN makes the slice NaN.
     Unlike ``log(softmax(x))`` it never gives ``-inf`` for a finite logit.
+
+    The gradient is the analytic one, ``g - p * sum(g)`` (``p`` the softmax), summed
+    over the live entries; in a slice with ``+inf`` entries it is the same formula with
+    ``p = 1/k`` at those entries (the limit of finite slices), and finite.
 
     Examples
     --------

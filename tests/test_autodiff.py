@@ -56,6 +56,9 @@ ROWS = {
     "some_neg_inf": [1.0, -INF, 3.0, -INF],
     "all_neg_inf": [-INF, -INF, -INF, -INF],
     "ties": [2.0, 2.0, -1.0, 2.0],
+    # SPEC §3: the limit of the finite-row gradient, p = 1/k at the k +inf entries
+    "two_pos_inf": [INF, 1.0, INF, -INF],
+    "one_pos_inf": [2.0, INF, -1.0, 0.0],
 }
 
 
@@ -85,8 +88,8 @@ def test_softmax_and_log_softmax_gradients(ad, case, dtype):
     # d/dx sum(v * softmax(x)) = p * (v - p.v)
     g = grad(ad, lambda x: (sm.softmax(x) * ad_const(ad, v, dtype)).sum(), row, dtype)
     np.testing.assert_allclose(g, p * (v - p @ v), rtol=rtol, atol=atol)
-    # d/dx sum(v * log_softmax(x)) over the live entries = v - p * sum(v)
-    live = row > -INF
+    # d/dx sum(v * log_softmax(x)) over the finite outputs = v - p * sum(v)
+    live = (row > -INF) & ((row == INF) | ~np.any(row == INF))
     vl = np.where(live, v, 0.0)
     g = grad(
         ad,
@@ -116,6 +119,32 @@ def ad_where_sum(ad, mask, y):
     return jnp.where(m, y, 0.0).sum()
 
 
+@DTYPES
+def test_log_softmax_vjp_with_masked_and_neg_inf_outputs(ad, dtype):
+    """The cotangent of every output, the ``-inf`` ones included, goes back as for
+    ``x - logsumexp(x)``: ``gx_j = [j live] v_j - p_j sum_i v_i``, the masked outputs
+    (``-inf - lse``) adding ``-p v_i`` and nothing that depends on where the max is.
+    Rows: masked entries (maximum tied), an unmasked ``-inf``, two ``+inf`` (limit)."""
+    x = np.array([[3.0, 1.0, 3.0, 0.5], [1.0, -INF, 2.0, 0.0], [INF, 1.0, INF, 2.0]])
+    mask = np.array([[True, False, True, False], [True] * 4, [True, True, True, False]])
+    v = np.array([[0.3, -1.0, 2.0, 0.5], [1.5, 0.25, -0.5, 1.0], [0.7, -0.2, 0.4, 3.0]])
+    p = np.stack([_softmax(np.where(mk, r, -INF)) for r, mk in zip(x, mask, strict=True)])
+    want = np.where(mask, v, 0.0) - p * v.sum(axis=1, keepdims=True)
+    if ad.name == "torch":
+        torch = ad.module
+        tx = torch.tensor(x, dtype=getattr(torch, dtype), requires_grad=True)
+        y = sm.log_softmax(tx, where=torch.tensor(mask))
+        (got,) = torch.autograd.grad(y, tx, torch.tensor(v, dtype=y.dtype))
+    else:
+        import jax
+
+        jm = jax.numpy.asarray(mask)
+        _, vjp = jax.vjp(lambda a: sm.log_softmax(a, where=jm), jax.numpy.asarray(x, dtype))
+        (got,) = vjp(jax.numpy.asarray(v, dtype))
+    rtol, atol = TOL[dtype]
+    np.testing.assert_allclose(np.asarray(got, dtype=np.float64), want, rtol=rtol, atol=atol)
+
+
 @pytest.mark.parametrize("func", ["logsumexp", "softmax", "log_softmax"])
 def test_masked_gradient_is_zero(ad, func):
     row = np.array([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
@@ -140,6 +169,9 @@ CE_ROWS = [
     ([0.0, -INF, 1.0], 2),
     ([0.0, -INF, 1.0], 1),  # masked target: softmax - onehot, -1 at the target
     ([-INF, -INF, -INF], 1),  # all -inf: -onehot(t)
+    ([INF, 1.0, INF], 0),  # +inf rows: the limit softmax - onehot(t)
+    ([INF, 1.0, INF], 1),
+    ([2.0, INF, -INF], 2),
 ]
 
 
@@ -181,11 +213,68 @@ def test_cross_entropy_gradient_with_options(ad, dtype):
 
 
 @DTYPES
-def test_cross_entropy_gradient_finite_at_pos_inf(ad, dtype):
-    row = np.array([[INF, 1.0, INF]])
-    tgt = ad_const(ad, np.array([0])).astype(int) if ad.name == "jax" else ad.module.tensor([0])
-    g = grad(ad, lambda x: sm.cross_entropy(x, tgt), row, dtype)
-    assert np.all(np.isfinite(g))
+@pytest.mark.parametrize("option", ["label_smoothing", "z_loss", "weight"])
+def test_cross_entropy_gradient_limit_at_pos_inf(ad, option, dtype):
+    """SPEC §3, k entries +inf: the loss is +inf with smoothing or z-loss, and the
+    gradient is the finite limit of the finite-row one: w[t] (1 - e) (p - onehot(t))
+    + (e / C) sum_c w[c] (p - onehot(c)); the z-loss term, whose gradient is infinite
+    there, adds nothing (as in the Triton kernels)."""
+    row = np.array([[INF, 1.0, INF, -2.0], [0.5, 1.0, -1.0, 2.0]])
+    t = np.array([2, 1])
+    tgt = ad_const(ad, t).astype(int) if ad.name == "jax" else ad.module.tensor(t)
+    w = np.array([0.5, 2.0, 1.5, 1.0]) if option == "weight" else np.ones(4)
+    e = 0.2 if option == "label_smoothing" else 0.0
+    kw = {"label_smoothing": e} if e else {}
+    if option == "z_loss":
+        kw["z_loss"] = 0.01
+    if option == "weight":
+        kw["weight"] = ad_const(ad, w, dtype)
+    g = grad(ad, lambda x: sm.cross_entropy(x, tgt, reduction="sum", **kw), row, dtype)
+    p = np.stack([_softmax(r) for r in row])
+    onehot = np.eye(4)[t]
+    want = (1 - e) * w[t][:, None] * (p - onehot) + (e / 4) * (w.sum() * p - w[None, :])
+    if option == "z_loss":
+        # finite row: plus 2 z lse(x) p
+        want[1] += 2 * 0.01 * np.log(np.exp(row[1]).sum()) * p[1]
+    np.testing.assert_allclose(g, want, rtol=TOL[dtype][0], atol=1e-7)
+
+
+@pytest.mark.parametrize("func", ["logsumexp", "softmax", "log_softmax"])
+def test_second_derivatives(ad, func):
+    """Hessians through the custom derivative of the shift: of logsumexp,
+    diag(p) - p p^T; of sum(v * softmax) and sum(v * log_softmax) by finite
+    differences of the analytic gradient."""
+    row = np.array([0.3, -1.2, 2.0, 0.7])
+    v = np.array([0.5, -1.0, 2.0, 0.25])
+    f = getattr(sm, func)
+
+    def scalar(x):
+        y = f(x)
+        return y if func == "logsumexp" else (y * ad_const(ad, v)).sum()
+
+    if ad.name == "torch":
+        h = ad.module.autograd.functional.hessian(scalar, ad.module.tensor(row)).numpy()
+    else:
+        import jax
+
+        h = np.asarray(jax.hessian(scalar)(jax.numpy.asarray(row)))
+
+    def analytic_grad(r):
+        p = ref.softmax(r)
+        if func == "logsumexp":
+            return p
+        if func == "softmax":
+            return p * (v - p @ v)
+        return v - p * v.sum()
+
+    eps = 1e-6
+    fd = np.stack(
+        [
+            (analytic_grad(row + eps * d) - analytic_grad(row - eps * d)) / (2 * eps)
+            for d in np.eye(4)
+        ]
+    )
+    np.testing.assert_allclose(h, fd, rtol=1e-7, atol=1e-8)
 
 
 @DTYPES
@@ -299,3 +388,50 @@ def test_torch_compile_fullgraph():
         torch._dynamo.reset()
         compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
         torch.testing.assert_close(compiled(x), f(x), rtol=1e-12, atol=1e-15)
+    # the hand-written derivative of the shift compiles too: the limit at a +inf row
+    xi = torch.tensor([[INF, 1.0, INF], [0.5, -1.0, 2.0]], dtype=torch.float64)
+    ti = torch.tensor([0, 2])
+
+    def ce_grad(x):
+        x = x.detach().requires_grad_()
+        sm.cross_entropy(x, ti, reduction="sum").backward()
+        return x.grad
+
+    torch._dynamo.reset()
+    eager = ce_grad(xi)
+    want = np.stack([_softmax(r) for r in xi.numpy()]) - np.eye(3)[[0, 2]]
+    np.testing.assert_allclose(eager.numpy(), want, rtol=1e-15, atol=1e-16)
+    compiled = torch.compile(
+        lambda x: sm.cross_entropy(x, ti, reduction="sum"), fullgraph=True, backend="aot_eager"
+    )
+    xc = xi.clone().requires_grad_()
+    compiled(xc).backward()
+    torch.testing.assert_close(xc.grad, eager, rtol=1e-15, atol=1e-16)
+
+
+@pytest.mark.parametrize("func", ["logsumexp", "softmax", "log_softmax"])
+def test_forward_mode_matches_reverse_mode(ad, func):
+    """jax.jvp / torch.func.jvp give J @ d with the same Jacobian as reverse mode,
+    at a +inf row (the limit) and a finite one; torch.func.grad works too."""
+    x = np.array([[INF, 1.0, INF, -2.0], [0.5, 1.0, -1.0, 2.0]])
+    d = np.array([[0.3, -1.0, 2.0, 0.5], [1.0, 0.25, -0.5, 2.0]])
+    f = getattr(sm, func)
+    # the limit Jacobian-vector products, row by row
+    p = np.stack([_softmax(r) for r in x])
+    pd = np.sum(p * d, axis=1, keepdims=True)
+    want = {"logsumexp": pd[:, 0], "softmax": p * (d - pd), "log_softmax": d - pd}[func]
+    if ad.name == "torch":
+        torch = ad.module
+        tx, td = torch.tensor(x), torch.tensor(d)
+        _, got = torch.func.jvp(f, (tx,), (td,))
+        fg = torch.func.grad(lambda a: sm.logsumexp(a).sum())(tx)
+    else:
+        import jax
+
+        jx, jd = jax.numpy.asarray(x), jax.numpy.asarray(d)
+        _, got = jax.jvp(f, (jx,), (jd,))
+        fg = jax.grad(lambda a: sm.logsumexp(a).sum())(jx)
+    got = np.asarray(got)
+    finite = np.isfinite(want)
+    np.testing.assert_allclose(got[finite], want[finite], rtol=1e-14, atol=1e-15)
+    np.testing.assert_allclose(np.asarray(fg), p, rtol=1e-14)

@@ -11,7 +11,10 @@ the reason it is needed:
   not for JAX tracers, Dask's lazy arrays, or inside ``torch.compile``, where a
   ``bool(xp.any(...))`` is a graph break or impossible;
 * turning NumPy's 0-d results, which NumPy hands back as ``np.float64`` scalars, into
-  0-d arrays, so that every reduction returns an array of the caller's library.
+  0-d arrays, so that every reduction returns an array of the caller's library;
+* attaching a derivative rule written by hand to a function
+  (:func:`with_derivative`): the standard has no autodiff, so the rule is wired into
+  ``torch.autograd.Function`` and ``jax.custom_jvp`` here.
 
 No backend library is imported here: each is recognised by the module of the array's
 type, so ``import stablemath`` imports neither torch nor JAX.
@@ -32,6 +35,7 @@ __all__ = [
     "ensure_array",
     "finish",
     "library_name",
+    "with_derivative",
 ]
 
 
@@ -172,3 +176,66 @@ def ensure_array(result: Any, xp: Any) -> Any:
     if isinstance(result, np.generic):
         return np.asarray(result)
     return result
+
+
+# name -> (value, jvp, vjp) of every rule made by with_derivative; _torch_autograd
+# builds its torch.autograd.Function classes from this when it is first imported
+RULES: dict[str, tuple[Any, Any, Any]] = {}
+
+
+def with_derivative(value: Any, jvp: Any, vjp: Any) -> Any:
+    """``value(x, live, axes, *, xp)``, returning a tuple of arrays, with its
+    derivative with respect to ``x`` given by hand.
+
+    ``jvp(x, live, axes, dx, *, xp)`` returns the tangents of the outputs along
+    ``dx``; ``vjp(x, live, axes, *cotangents, xp)`` returns the cotangent of ``x``;
+    both are written with ``xp`` functions (so they are differentiable in turn, for
+    second derivatives). ``live`` (a boolean mask or None) and the tuple ``axes`` have
+    no derivative.
+
+    * PyTorch: a ``torch.autograd.Function`` (:mod:`._torch_autograd`) with
+      ``backward`` (reverse mode, double backward), ``jvp`` (forward mode) and a
+      generated vmap rule (``torch.func``); under ``torch.compile(fullgraph=True)`` it
+      traces without the forward mode, which Dynamo cannot trace.
+    * JAX: ``jax.custom_jvp`` (``jax.grad``, ``jvp``, ``jit``, ``vmap``; JAX transposes
+      the linear ``jvp`` for reverse mode, so ``vjp`` is not needed).
+    * Libraries without autodiff (NumPy, CuPy, Dask, array-api-strict) call ``value``.
+    """
+    name = f"{value.__module__}.{value.__qualname__}"
+    RULES[name] = (value, jvp, vjp)
+    made: dict[str, Any] = {}
+
+    def call(x: Any, live: Any, axes: tuple[int, ...], *, xp: Any) -> Any:
+        hit = _lookup(x)
+        lib = None if hit is None else hit[1]
+        if lib == "torch":
+            # a module import, not a class statement: torch.compile runs imports for
+            # real but cannot trace the definition of a class
+            from . import _torch_autograd
+
+            eager, traced = _torch_autograd.FUNCTIONS[name]
+            compiling = sys.modules["torch"].compiler.is_compiling()
+            return (traced if compiling else eager).apply(x, live, axes)
+        if lib == "jax":
+            fn = made.get("jax") or made.setdefault("jax", _jax_custom_jvp(value, jvp))
+            return fn(x, live, axes)
+        return value(x, live, axes, xp=xp)
+
+    return call
+
+
+def _jax_custom_jvp(value: Any, jvp: Any) -> Any:
+    import jax
+    import jax.numpy as xp
+
+    def primal(x: Any, live: Any, axes: tuple[int, ...]) -> Any:
+        return value(x, live, axes, xp=xp)
+
+    fn = jax.custom_jvp(primal, nondiff_argnums=(2,))
+
+    def rule(axes: tuple[int, ...], primals: Any, tangents: Any) -> Any:
+        x, live = primals
+        return value(x, live, axes, xp=xp), jvp(x, live, axes, tangents[0], xp=xp)
+
+    fn.defjvp(rule)
+    return fn

@@ -21,14 +21,12 @@ Dispatch contract (for the facades):
   generic path for those, for complex input, and when second-order gradients are
   needed (the kernels' backwards are not differentiable; they raise).
 
-Semantics are those of :mod:`stablemath._kernels` (SPEC §3), with these differences,
-all at edges where the generic path's gradient or value is NaN or 0 by construction:
+Semantics are those of :mod:`stablemath._kernels` (SPEC §3), the edges included: in a
+row with ``+inf`` logits the gradients are the limits (for cross_entropy
+``w_t (softmax - onehot(t))`` plus the smoothing term, the z-loss term's infinite
+gradient omitted), and a class of weight 0 contributes 0 where its ``lse - x_c`` is
+``+inf``. The differences:
 
-* cross_entropy in a row with ``+inf`` logits: the gradient is the limit
-  ``w_t (softmax - onehot(t))`` plus the smoothing term (the generic path gives 0, or
-  ``inf``/NaN with ``z_loss``); the z-loss term's gradient, infinite there, is omitted.
-* cross_entropy with ``weight``: a class of weight 0 contributes 0 where its
-  ``lse - x_c`` is ``+inf`` (the generic path computes ``0 * inf = NaN``).
 * float32 input is computed in float64 (as on the CPU), float16/bfloat16 in float32;
   compiled Triton kernels flush float32 subnormals to zero.
 * The cross-entropy backward scales the gradient computed by the forward in place when

@@ -296,8 +296,9 @@ def softmax_bwd_kernel(
     INTERP: tl.constexpr,
 ):
     """``dx = y * (g - sum(g * y)) / T`` (softmax) or ``(g - exp(y) * sum(g)) / T``
-    (log_softmax, 0 at masked entries); 0 in rows whose logsumexp is ``+-inf`` (their
-    output does not depend on the finite logits: the generic path's gradient)."""
+    (log_softmax, 0 at masked entries); 0 in rows whose logsumexp is ``-inf`` (all
+    ``-inf`` or fully masked). A ``+inf`` row gets the same formula, with ``y`` (or
+    ``exp(y)``) ``1/k`` at its ``k`` ``+inf`` entries: the limit, as on the generic path."""
     row = tl.program_id(0).to(tl.int64)
     y_ptr += row * C
     g_ptr += row * C
@@ -305,7 +306,7 @@ def softmax_bwd_kernel(
     mask_ptr += row * C
     inv_t = 1.0 / _param(T, CDT, INTERP)
     lse = tl.load(lse_ptr + row)
-    zero_row = tl.abs(lse) == float("inf")
+    zero_row = lse == float("-inf")
     cols = tl.arange(0, BLOCK)
     red = tl.zeros((), CDT)
     if SINGLE:
