@@ -213,14 +213,38 @@ def softmax(x: Any, /, *, axes: tuple[int, ...], live: Any, compensate: bool, xp
         total = xp.sum(e, axis=axes, keepdims=True)
         return e / xp.where(total == 0, 1.0, total)
     low = _shift_remainder(x, m0, z, live, xp=xp)
-    e = e + e * low
     # E / Z rather than exp(x - lse): the latter loses relative accuracy on long rows.
-    # Z = hi + lo to far below an ulp; dividing by the pair leaves two roundings (exp
-    # and the division) in every probability. Z = 0 only in an all -inf slice (E = 0).
-    hi, lo = _accurate_sum(e, axes, xp=xp)
-    hi = xp.where(hi == 0, 1.0, hi)
-    q = e / hi
-    return q - q * (lo / hi)
+    # E = e + e_lo (exp of the exact shift, to first order) and Z = hi + lo are both
+    # carried as pairs, and the quotient is corrected by its exact residual
+    # (:func:`_divide_pairs`), so each probability has the error of ``exp`` plus one
+    # final rounding. Z = 0 only in an all -inf slice (E = 0).
+    e_lo = e * low
+    hi, lo = _accurate_sum(e + e_lo, axes, xp=xp)
+    return _divide_pairs(e, e_lo, xp.where(hi == 0, 1.0, hi), lo, xp=xp)
+
+
+def _split(a: Any, *, xp: Any) -> tuple[Any, Any]:
+    """Veltkamp's split ``a = a_hi + a_lo`` into halves of the significand, exactly
+    (no overflow for the ``|a| <= 2**900`` it is used on)."""
+    digits = 1 - round(math.log2(float(xp.finfo(a.dtype).eps)))  # 24, 53
+    c = (2.0 ** -(-digits // 2) + 1.0) * a
+    a_hi = c - (c - a)
+    return a_hi, a - a_hi
+
+
+def _divide_pairs(a: Any, a_lo: Any, b: Any, b_lo: Any, *, xp: Any) -> Any:
+    """``(a + a_lo) / (b + b_lo)`` for ``|a_lo| << |a|``, ``|b_lo| << |b|``, to within
+    one rounding: ``q = a / b`` refined by the residual ``a - q * b``, computed
+    exactly with Dekker's product (the standard has no ``fma``). Every correction has
+    derivative 0 up to rounding, so the gradient is the quotient rule's."""
+    q = a / b
+    p = q * b
+    q_hi, q_lo = _split(q, xp=xp)
+    b_hi, b_lo_split = _split(b, xp=xp)
+    p_err = ((q_hi * b_hi - p) + q_hi * b_lo_split + q_lo * b_hi) + q_lo * b_lo_split
+    # a - p is exact (Sterbenz: p is within a rounding of a)
+    r = ((a - p) - p_err) + (a_lo - q * b_lo)
+    return q + r / b
 
 
 def log_softmax(x: Any, /, *, axes: tuple[int, ...], live: Any, compensate: bool, xp: Any) -> Any:
