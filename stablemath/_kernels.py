@@ -58,6 +58,14 @@ def _zeros_like_scalar(a: Any, *, xp: Any) -> Any:
     return xp.zeros((), dtype=a.dtype, device=device(a))
 
 
+def _count(mask: Any, like: Any, axes: tuple[int, ...], *, xp: Any) -> Any:
+    """The number of True entries of ``mask`` over ``axes`` (kept dims), in ``like``'s
+    dtype: a sum of ``where(mask, 1, 0)``, which XLA on CPU reduces 3x faster over
+    long rows than a sum of the converted booleans."""
+    one = xp.ones((), dtype=like.dtype, device=device(like))
+    return xp.sum(xp.where(mask, one, 0.0), axis=axes, keepdims=True)
+
+
 def _shift_value(x: Any, live: Any, axes: tuple[int, ...], *, xp: Any) -> tuple[Any, Any]:
     """``(m, z)``: the max over live entries and the shifted logits (the values; their
     derivative is :func:`_shift_jvp`)."""
@@ -80,9 +88,9 @@ def _shift_weights(x: Any, live: Any, axes: tuple[int, ...], *, xp: Any) -> tupl
     ``1/k`` at the ``k`` tied maxima of each row and 0 elsewhere (0 in a NaN row)."""
     xm = x if live is None else xp.where(live, x, -_INF)
     m = xp.max(xm, axis=axes, keepdims=True)
-    tie = xp.astype(xm == m, x.dtype)
-    k = xp.sum(tie, axis=axes, keepdims=True)
-    w = tie / xp.where(k > 0, k, 1.0)
+    tie = xm == m
+    k = _count(tie, x, axes, xp=xp)
+    w = xp.where(tie, 1.0 / xp.where(k > 0, k, 1.0), 0.0)
     r = m != -_INF
     return r, r if live is None else r & live, w
 
@@ -135,11 +143,18 @@ def _shift_remainder(x: Any, m0: Any, z: Any, live: Any, *, xp: Any) -> Any:
 def _accurate_sum(v: Any, axes: tuple[int, ...], *, xp: Any) -> tuple[Any, Any]:
     """``sum(v, axis=axes, keepdims=True)`` as an unevaluated pair ``hi + lo``.
 
-    A pairwise sum whose every addition is made error-free (TwoSum), the rounding
-    errors summed on the side. A plain sum of ``n`` terms is off by up to ``log2(n)``
-    roundings, which the softmax denominator passes on to every probability; the pair
-    is accurate to far below an ulp of ``hi``. (The derivative of each error term is
-    exactly 0, so gradients are those of a plain sum.)
+    A pairwise sum whose every addition is made error-free (TwoSum). A plain sum of
+    ``n`` terms is off by up to ``log2(n)`` roundings, which the softmax denominator
+    passes on to every probability; the pair is accurate to far below an ulp of
+    ``hi``. The row is padded with zeros to a power of two once, each level adds its
+    two contiguous halves, and the rounding errors travel the same tree elementwise
+    (their own rounding is an ulp of an ulp): no reduction at all, which XLA fuses
+    far better than one reduction of the errors per level. Measured against that
+    (``_accurate_sum`` alone, median of 15, 2-core VM): JAX float32 (jit) 0.54x the
+    time at 4096x1000 and 0.71x at 256x32000; eager NumPy and torch float64, which
+    only reach this for float64 input, 1.1-1.8x (two more elementwise passes).
+    (The derivative of each error term is exactly 0, so gradients are those of a
+    plain sum.)
     """
     ndim = v.ndim
     rest = tuple(i for i in range(ndim) if i not in axes)
@@ -147,19 +162,19 @@ def _accurate_sum(v: Any, axes: tuple[int, ...], *, xp: Any) -> tuple[Any, Any]:
     v = xp.permute_dims(v, rest + axes)
     n = math.prod(v.shape[len(rest) :])
     v = xp.reshape(v, (*v.shape[: len(rest)], n))
+    width = 1 << (n - 1).bit_length()
+    if width > n:
+        pad = xp.zeros((*v.shape[:-1], width - n), dtype=v.dtype, device=device(v))
+        v = xp.concat((v, pad), axis=-1)
     err = None
-    while n > 1:
-        if n % 2:
-            pad = xp.zeros((*v.shape[:-1], 1), dtype=v.dtype, device=device(v))
-            v = xp.concat((v, pad), axis=-1)
-            n += 1
-        a, b = v[..., : n // 2], v[..., n // 2 :]
+    while width > 1:
+        width //= 2
+        a, b = v[..., :width], v[..., width:]
         v = a + b
         bv = v - a
-        e = xp.sum((a - (v - bv)) + (b - bv), axis=-1)
-        err = e if err is None else err + e
-        n //= 2
-    hi = xp.reshape(v[..., 0], keep_shape)
+        e = (a - (v - bv)) + (b - bv)
+        err = e if err is None else (err[..., :width] + err[..., width:]) + e
+    hi = xp.reshape(v, keep_shape)
     lo = xp.zeros_like(hi) if err is None else xp.reshape(err, keep_shape)
     return hi, lo
 
@@ -176,7 +191,7 @@ def _log_sum(z: Any, axes: tuple[int, ...], *, xp: Any, low: Any = None) -> tupl
         # exp(z + low) = exp(z) * (1 + low) to within low**2, far below an ulp
         e = e + e * low
     top = z == 0
-    k = xp.sum(xp.astype(top, z.dtype), axis=axes, keepdims=True)
+    k = _count(top, z, axes, xp=xp)
     rest = xp.where(top, 0.0, e)
     if low is None:
         s = xp.sum(rest, axis=axes, keepdims=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import _reference as ref
 import numpy as np
@@ -212,6 +213,27 @@ def test_ulp_accuracy(backend, dtype):
             ref.ulp_error(_np(backend, sm.log_softmax(xb)), ref.log_softmax(x), dtype),
         )
     assert all(v <= 2.0 for v in worst.values()), worst
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 1000, 4097])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_error_free_sum(backend, n, dtype):
+    """The softmax denominator's pair ``hi + lo`` (kernels._accurate_sum) is the
+    exact sum to a hundredth of an ulp; a plain sum of 1000 terms misses by ulps."""
+    from array_api_compat import array_namespace
+
+    from stablemath import _kernels
+
+    rng = np.random.default_rng(n)
+    v = rng.random((3, n)).astype(dtype) * np.array([[1.0], [1e-3], [3.0]], dtype=dtype)
+    xv = backend.asarray(v)
+    hi, lo = _kernels._accurate_sum(xv, (1,), xp=array_namespace(xv))
+    hi, lo = _np(backend, hi)[:, 0].astype(np.float64), _np(backend, lo)[:, 0].astype(np.float64)
+    for row, h, low in zip(v.astype(np.float64), hi, lo, strict=True):
+        exact = sum(map(Fraction, row))
+        ulp = Fraction(float(np.spacing(np.asarray(float(exact), dtype=dtype))))
+        err = abs(Fraction(h) + Fraction(low) - exact) / ulp
+        assert err <= Fraction(1, 100), float(err)
 
 
 def test_dominant_term_full_precision(backend):
