@@ -1,5 +1,6 @@
-"""The SPEC §3 edge-case conformance matrix: the value (and gradient) of each function
-on each edge row, for stablemath and for every framework's own function.
+"""The SPEC §3 edge-case conformance matrix: the value and gradient of each function
+on each edge row, for stablemath and for every framework's own function (gradients of
+softmax and log_softmax as the vector-Jacobian product with ``V`` below).
 
     python benchmarks/conformance.py [--out benchmarks/results]
 
@@ -32,7 +33,19 @@ EDGES: dict[str, tuple[list[float], int]] = {
     "NaN": ([1.0, math.nan, 3.0], 0),
     "float32 [1000,2000,3000]": ([1000.0, 2000.0, 3000.0], 0),
 }
-FUNCS = ("softmax", "log_softmax", "logsumexp", "cross_entropy", "grad logsumexp", "grad CE")
+FUNCS = (
+    "softmax",
+    "log_softmax",
+    "logsumexp",
+    "cross_entropy",
+    "grad softmax",
+    "grad log_softmax",
+    "grad logsumexp",
+    "grad CE",
+)
+# the cotangent of softmax and log_softmax: their gradient rows are the vector-Jacobian
+# product v^T J (for log_softmax v - softmax * sum(v)), v the same on every edge
+V = [1.0, -1.0, 0.5]
 
 
 def _fmt(v: Any) -> str:
@@ -70,6 +83,11 @@ def providers() -> dict[str, Callable[[str, np.ndarray, int], Any]]:
         def torch_fn(func: str, x: np.ndarray, t: int, own: bool = True) -> Any:
             xt = torch.tensor(x, requires_grad=True)
             tt = torch.tensor([t])
+            if func in ("grad softmax", "grad log_softmax"):
+                base = func.split()[1]
+                y = getattr(torch, base)(xt, -1) if own else getattr(sm, base)(xt)
+                (g,) = torch.autograd.grad(y, xt, torch.tensor(V, dtype=y.dtype))
+                return g.numpy()
             if func in ("grad logsumexp", "grad CE"):
                 if func == "grad logsumexp":
                     y = torch.logsumexp(xt, -1) if own else sm.logsumexp(xt)
@@ -106,6 +124,10 @@ def providers() -> dict[str, Callable[[str, np.ndarray, int], Any]]:
                 return optax.softmax_cross_entropy_with_integer_labels(v[None], tj)[0]
 
             lse = jax.nn.logsumexp if own else sm.logsumexp
+            if func in ("grad softmax", "grad log_softmax"):
+                base = getattr(jax.nn if own else sm, func.split()[1])
+                _, vjp = jax.vjp(base, xj)
+                return np.asarray(vjp(jnp.asarray(V, dtype=xj.dtype))[0])
             if func == "grad logsumexp":
                 return np.asarray(jax.grad(lse)(xj))
             if func == "grad CE":
