@@ -46,7 +46,11 @@ def _torch_tensor_type() -> type | None:
 
 def device(x: Any) -> Any:
     """The device of ``x`` (``array_api_compat.device``; torch's attribute is read
-    directly, which ``torch.compile`` traces without warnings)."""
+    directly, which ``torch.compile`` traces without warnings, and a NumPy array's is
+    ``"cpu"`` without a call: the kernels ask for it a dozen times per call, which on
+    a small array cost more than the arithmetic)."""
+    if type(x) is np.ndarray:
+        return "cpu"
     tensor = _torch_tensor_type()
     if tensor is not None and isinstance(x, tensor):
         return x.device
