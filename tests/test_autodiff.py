@@ -425,6 +425,13 @@ def test_forward_mode_matches_reverse_mode(ad, func):
         tx, td = torch.tensor(x), torch.tensor(d)
         _, got = torch.func.jvp(f, (tx,), (td,))
         fg = torch.func.grad(lambda a: sm.logsumexp(a).sum())(tx)
+        # the generated vmap rule of the hand-written derivative, forward and reverse
+        torch.testing.assert_close(torch.func.vmap(f)(tx), f(tx), rtol=0, atol=0)
+        jac = torch.func.vmap(torch.func.jacrev(f))(tx)
+        vjp_rows = torch.einsum("b...i,b...ij->b...j", td, jac) if func != "logsumexp" else None
+        if vjp_rows is not None:
+            _, vjp = torch.func.vjp(f, tx)
+            torch.testing.assert_close(vjp(td)[0], vjp_rows, rtol=1e-14, atol=1e-15)
     else:
         import jax
 
