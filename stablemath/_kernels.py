@@ -247,19 +247,30 @@ def _split(a: Any, *, xp: Any) -> tuple[Any, Any]:
     return a_hi, a - a_hi
 
 
+def _two_product(a: Any, b: Any, *, xp: Any) -> tuple[Any, Any]:
+    """``(p, e)`` with ``p = fl(a * b)`` and ``p + e = a * b`` exactly (Dekker's
+    product; the standard has no ``fma``)."""
+    p = a * b
+    a_hi, a_lo = _split(a, xp=xp)
+    b_hi, b_lo = _split(b, xp=xp)
+    return p, ((a_hi * b_hi - p) + a_hi * b_lo + a_lo * b_hi) + a_lo * b_lo
+
+
 def _divide_pairs(a: Any, a_lo: Any, b: Any, b_lo: Any, *, xp: Any) -> Any:
     """``(a + a_lo) / (b + b_lo)`` for ``|a_lo| << |a|``, ``|b_lo| << |b|``, to within
-    one rounding: ``q = a / b`` refined by the residual ``a - q * b``, computed
-    exactly with Dekker's product (the standard has no ``fma``). Every correction has
-    derivative 0 up to rounding, so the gradient is the quotient rule's."""
-    q = a / b
-    p = q * b
-    q_hi, q_lo = _split(q, xp=xp)
-    b_hi, b_lo_split = _split(b, xp=xp)
-    p_err = ((q_hi * b_hi - p) + q_hi * b_lo_split + q_lo * b_hi) + q_lo * b_lo_split
-    # a - p is exact (Sterbenz: p is within a rounding of a)
-    r = ((a - p) - p_err) + (a_lo - q * b_lo)
-    return q + r / b
+    one rounding, where ``b`` has one value per slice (kept dims).
+
+    The reciprocal of the slice's pair is formed once per slice as ``r + r_lo``
+    (``r = 1 / b`` refined by its exact residual ``1 - b r``), so that every element
+    costs multiplications only: ``a r`` exactly (Dekker's product) plus the small
+    terms ``a r_lo + a_lo r``, rounded once. Every correction has derivative 0 up to
+    rounding, so the gradient is the quotient rule's."""
+    r = 1.0 / b
+    p, p_err = _two_product(b, r, xp=xp)
+    # 1 - p is exact (Sterbenz: p is within a rounding of 1)
+    r_lo = (((1.0 - p) - p_err) - b_lo * r) * r
+    q, q_err = _two_product(a, r, xp=xp)
+    return q + ((q_err + a * r_lo) + a_lo * r)
 
 
 def log_softmax(x: Any, /, *, axes: tuple[int, ...], live: Any, compensate: bool, xp: Any) -> Any:
