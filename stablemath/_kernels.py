@@ -27,11 +27,11 @@ by hand: the derivative of the shift ``(m, z)`` (:func:`_shift_jvp`,
 :func:`_shift_vjp`, attached by :func:`stablemath._lib._compat.with_derivative`).
 In a finite row it is what autodiff of ``x - max(x)`` gives: ``dz = dx - w . dx`` with
 ``w`` spread evenly over the tied maxima, ``dm = w . dx`` (at a masked entry,
-``z = -inf - m``, only ``-dm``). A ``+inf`` row gets the same
-rule, which no elementwise formula can express (every function of ``x`` that is finite
-at ``x = +inf`` has derivative 0 there): its ``z`` is constant, yet the rule makes
-every gradient the limit of the finite-row one (SPEC §3), e.g. ``softmax - onehot(t)``
-for the cross-entropy. All ``-inf`` rows have ``dz = 0``.
+``z = -inf - m``, only ``-dm``). A ``+inf`` row gets the same rule, which no
+elementwise formula can express (every function of ``x`` that is finite at
+``x = +inf`` has derivative 0 there): its ``z`` is constant, yet the rule makes every
+gradient the limit of the finite-row one (SPEC §3), e.g. ``softmax - onehot(t)`` for
+the cross-entropy. All ``-inf`` rows have ``dz = 0``.
 """
 
 from __future__ import annotations
@@ -66,11 +66,16 @@ def _count(mask: Any, like: Any, axes: tuple[int, ...], *, xp: Any) -> Any:
     return xp.sum(xp.where(mask, one, 0.0), axis=axes, keepdims=True)
 
 
+def _live_max(x: Any, live: Any, axes: tuple[int, ...], *, xp: Any) -> tuple[Any, Any]:
+    """``(xm, m)``: ``x`` with the masked entries ``-inf``, and its max (kept dims)."""
+    xm = x if live is None else xp.where(live, x, -_INF)
+    return xm, xp.max(xm, axis=axes, keepdims=True)
+
+
 def _shift_value(x: Any, live: Any, axes: tuple[int, ...], *, xp: Any) -> tuple[Any, Any]:
     """``(m, z)``: the max over live entries and the shifted logits (the values; their
     derivative is :func:`_shift_jvp`)."""
-    xm = x if live is None else xp.where(live, x, -_INF)
-    m = xp.max(xm, axis=axes, keepdims=True)
+    xm, m = _live_max(x, live, axes, xp=xp)
     finite = xp.isfinite(m)
     m0 = xp.where(finite, m, 0.0)
     # Rows with a finite max subtract it. In a NaN row only the NaN entries do, so the
@@ -86,8 +91,7 @@ def _shift_weights(x: Any, live: Any, axes: tuple[int, ...], *, xp: Any) -> tupl
     """``(r, a, w)`` of the shift's derivative: ``r`` marks the rows whose max is not
     ``-inf`` (kept dims), ``a`` the entries of those rows that are live, ``w`` is
     ``1/k`` at the ``k`` tied maxima of each row and 0 elsewhere (0 in a NaN row)."""
-    xm = x if live is None else xp.where(live, x, -_INF)
-    m = xp.max(xm, axis=axes, keepdims=True)
+    xm, m = _live_max(x, live, axes, xp=xp)
     tie = xm == m
     k = _count(tie, x, axes, xp=xp)
     w = xp.where(tie, 1.0 / xp.where(k > 0, k, 1.0), 0.0)
@@ -495,7 +499,7 @@ def cross_entropy(
     if z_loss > 0:
         # z_loss * lse**2; +inf in a +inf row, where its gradient (2 z lse p) would be
         # infinite: there it is a constant, and the gradient keeps its finite limit
-        regular = xp.squeeze(~(m == _INF), axis=axis)
+        regular = xp.squeeze(m != _INF, axis=axis)
         lse = xp.squeeze(_lse_from_parts(m, m0, log_total, xp=xp), axis=axis)
         lse = xp.where(regular, lse, 0.0)
         loss = loss + xp.where(regular, z_loss * lse * lse, _INF)

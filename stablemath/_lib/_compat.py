@@ -207,7 +207,7 @@ def with_derivative(value: Any, jvp: Any, vjp: Any) -> Any:
     """
     name = f"{value.__module__}.{value.__qualname__}"
     RULES[name] = (value, jvp, vjp)
-    made: dict[str, Any] = {}
+    jax_fn = None  # the jax.custom_jvp, made on the first JAX call
 
     def call(x: Any, live: Any, axes: tuple[int, ...], *, xp: Any) -> Any:
         hit = _lookup(x)
@@ -221,8 +221,10 @@ def with_derivative(value: Any, jvp: Any, vjp: Any) -> Any:
             compiling = sys.modules["torch"].compiler.is_compiling()
             return (traced if compiling else eager).apply(x, live, axes)
         if lib == "jax":
-            fn = made.get("jax") or made.setdefault("jax", _jax_custom_jvp(value, jvp))
-            return fn(x, live, axes)
+            nonlocal jax_fn
+            if jax_fn is None:
+                jax_fn = _jax_custom_jvp(value, jvp)
+            return jax_fn(x, live, axes)
         return value(x, live, axes, xp=xp)
 
     return call
