@@ -1,5 +1,5 @@
 """Backend fast paths: softmax, log_softmax and logsumexp for NumPy arrays and PyTorch
-CPU tensors of at most 32 bits, in a handful of the library's own calls.
+CPU tensors of at most 32 bits, and torch's own cross-entropy in float64.
 
 The generic kernels in :mod:`stablemath._kernels` are the definition; they are written
 for every input (``+-inf`` maxima, masks, float64, traced arrays) and pay for it in
@@ -8,10 +8,22 @@ the common case in which those precautions are provably idle, and nothing else:
 
 * one axis, no ``where`` mask, the output in the input's dtype;
 * a NumPy array, or a torch tensor on the CPU that is not being traced by
-  ``torch.compile`` (the checks below read values), of float16, bfloat16 or float32;
-* every slice has a finite maximum ``m`` (checked, on the input dtype: one cheap
-  reduction). Otherwise the function returns None and the facade runs the generic
-  kernel, which gives the SPEC §3 values for ``+-inf`` and NaN slices.
+  ``torch.compile`` or batched by ``torch.func.vmap`` (the checks read values), of
+  float16, bfloat16 or float32;
+* every slice has a finite maximum ``m`` and no NaN (checked on the way). Otherwise the
+  function returns None and the facade runs the generic kernel, which gives the SPEC §3
+  values for ``+-inf`` and NaN slices.
+
+Two implementations, one arithmetic:
+
+* **compiled row kernels** (:mod:`stablemath._cpu_kernels`, Numba) for NumPy float32
+  and float16 arrays and for float32 torch tensors that no autodiff sees
+  (:func:`~stablemath._lib._compat.numpy_view`: no ``requires_grad`` under grad mode,
+  no ``torch.func`` wrapper, no forward-mode tangent); the tensor's memory is read in
+  place and the result wrapped with ``torch.from_numpy``;
+* **torch's fused functions in float64** for the other torch CPU tensors (autograd
+  then differentiates them: the gradients are the analytic ones) and for bfloat16 and
+  float16 tensors.
 
 Why no precaution is lost: the arithmetic runs in float64 on values that are exact
 float32 (or narrower) numbers, so ``x - m`` is exact and every float64 rounding is
@@ -19,36 +31,35 @@ float32 (or narrower) numbers, so ``x - m`` is exact and every float64 rounding 
 shift, compensated sums) have nothing left to correct. What does matter is kept: the
 maximal entries are taken out of the sum and counted (``log(k) + log1p(s / k)``), so a
 dominant term keeps full relative precision (SPEC §3.5); ``-inf`` entries give
-``exp(-inf) = 0`` and ``-inf`` log-probabilities with finite gradients. Gradients are
-those of the same formulas (torch autograd), the analytic ones.
+``exp(-inf) = 0`` and ``-inf`` log-probabilities with finite gradients.
 
 The same tests run on both paths: ``STABLEMATH_DISABLE_FASTPATHS=1`` turns this module
 off (the nox sessions ``tests(numpy-generic)`` and ``tests(torch-generic)``).
 
 Why it exists (``python benchmarks/run.py``, quick set, 2-core VM, p50 time as a ratio
-to the native function, float32; generic = ``STABLEMATH_DISABLE_FASTPATHS=1`` in a run
-beside it, 2026-12-01):
+to the native function, float32, 2026-12-01; the generic path's figures are from a run
+with ``STABLEMATH_DISABLE_FASTPATHS=1``, the float64-ufunc form these kernels replaced
+from the quick run at b231f2f):
 
-==============================  ============  ===========
-op, shape, provider / native     generic       fast path
-==============================  ============  ===========
-softmax 4096x1000, numpy/scipy     3.67          2.56
-softmax 256x32000, numpy/scipy     5.78          2.45
-log_softmax 256x32000, numpy       9.73          3.03
-logsumexp 4096x1000, numpy         1.98          0.87
-softmax 4096x1000, torch          13.0           6.05
-softmax 256x32000, torch          34.8           3.35
-log_softmax 4096x1000, torch      17.4           3.91
-logsumexp 256x32000, torch        12.0           5.12
-cross_entropy fwd 4096x1000       23.9           3.17
-cross_entropy fwd+bwd 4096x1000   21.4           3.65
-==============================  ============  ===========
+==============================  =======  ============  ================
+op, shape, provider / native    generic  float64 ufunc  compiled kernels
+==============================  =======  ============  ================
+softmax 4096x1000, numpy/scipy   3.67     2.32           0.67
+softmax 256x32000, numpy/scipy   5.78     1.94           0.36
+log_softmax 256x32000, numpy     9.73     3.03           0.40
+logsumexp 4096x1000, numpy       1.98     1.05           0.21
+logsumexp 256x32000, numpy        —       0.90           0.35
+softmax 4096x1000, torch        13.0      9.91           3.44
+logsumexp 256x32000, torch      12.0      4.63           0.82
+==============================  =======  ============  ================
 
-The floor is float64 ``exp`` (NumPy on AVX2 has no vector float64 ``exp``: 5 ns an
-element, more than ``scipy.special.softmax``'s whole float32 pass) and, for torch,
-float64 traffic. float32 arithmetic would be faster and is not within 2 ulp: on the
-reference vectors ``torch.softmax`` and ``scipy.special.softmax`` in float32 are off by
-up to 58 and 57 ulp, this module's results by 0.5 (``python benchmarks/accuracy.py``).
+The floor of the compiled kernels is the float64 polynomial (8 lanes of AVX-512 on the
+test machine, about 3 cycles an element); torch's own float32 softmax evaluates ``exp``
+at 16 lanes and reads each element once less.
+
+float32 arithmetic would be faster still and is not within 2 ulp: on the reference
+vectors ``torch.softmax`` and ``scipy.special.softmax`` in float32 are off by up to 58
+and 57 ulp, this module's results by 0.5 (``python benchmarks/accuracy.py``).
 """
 
 from __future__ import annotations
@@ -61,7 +72,7 @@ from typing import Any
 import numpy as np
 
 from . import _triton
-from ._lib._compat import can_inspect_values, finish
+from ._lib._compat import can_inspect_values, finish, numpy_view
 
 __all__ = ["DISABLE_ENV", "cross_entropy", "enabled", "log_softmax", "logsumexp", "softmax"]
 
@@ -91,64 +102,66 @@ def _kind(x: Any) -> str | None:
     return "torch"
 
 
-# --- NumPy ------------------------------------------------------------------------------
+# --- NumPy arrays and plain torch CPU float32 tensors: the compiled row kernels ---------
 
 
-def _np_shift(x: np.ndarray, axis: int, t: float) -> tuple[np.ndarray, np.ndarray] | None:
-    """``(m, d)``: the maximum (input dtype, kept dims) and ``d = (x - m) / t`` in
-    float64, or None if some slice's maximum is not finite."""
-    m = np.maximum.reduce(x, axis=axis, keepdims=True)
-    if not np.isfinite(m).all():
+def _compiled() -> Any:
+    """:mod:`stablemath._cpu_kernels`, imported at first use: importing Numba takes
+    about 0.2 s, which ``import stablemath`` should not pay."""
+    from . import _cpu_kernels
+
+    return _cpu_kernels
+
+
+def _np_normalise(kernel: Any, x: np.ndarray, axis: int, t: float) -> np.ndarray | None:
+    """softmax or log_softmax; float16 results are rounded once, from float64."""
+    wide = x.dtype != np.float32
+    moved = np.moveaxis(x, axis, -1)
+    rows = np.ascontiguousarray(moved, dtype=np.float32).reshape(-1, moved.shape[-1])
+    out = np.empty(rows.shape, dtype=np.float64 if wide else np.float32)
+    if not _compiled().run_rows(kernel, rows, out, 1.0 / t):
         return None
-    d = x.astype(np.float64)  # then in place: faster than a mixed-dtype subtract
-    d -= m
-    if t != 1.0:
-        d /= t
-    return m, d
-
-
-def _np_log_total(d: np.ndarray, axis: int, *, overwrite: bool = False) -> np.ndarray:
-    """``log(sum(exp(d)))`` as ``log(k) + log1p(s / k)``: ``k`` entries have ``d == 0``
-    (the maxima), ``s`` sums the others. ``overwrite`` lets ``exp`` reuse ``d``."""
-    top = d == 0
-    e = np.exp(d, out=d if overwrite else None)
-    np.putmask(e, top, 0.0)
-    s = np.add.reduce(e, axis=axis, keepdims=True)
-    k = np.count_nonzero(top, axis=axis, keepdims=True)
-    return np.log(k) + np.log1p(s / k)
+    out = np.moveaxis(out.reshape(moved.shape), -1, axis)
+    return finish(out, x.dtype, np) if wide else out
 
 
 def _np_softmax(x: np.ndarray, axis: int, t: float) -> np.ndarray | None:
-    shifted = _np_shift(x, axis, t)
-    if shifted is None:
-        return None
-    _, e = shifted
-    np.exp(e, out=e)
-    e /= np.add.reduce(e, axis=axis, keepdims=True)  # >= 1: the maximum contributes exp(0)
-    return e.astype(x.dtype)  # in [0, 1]: no overflow to silence
+    return _np_normalise(_compiled().softmax_rows, x, axis, t)
 
 
 def _np_log_softmax(x: np.ndarray, axis: int, t: float) -> np.ndarray | None:
-    shifted = _np_shift(x, axis, t)
-    if shifted is None:
-        return None
-    _, d = shifted
-    d -= _np_log_total(d, axis)
-    return finish(d, x.dtype, np)
+    return _np_normalise(_compiled().log_softmax_rows, x, axis, t)
 
 
 def _np_logsumexp(x: np.ndarray, axis: int, keepdims: bool) -> np.ndarray | None:
-    shifted = _np_shift(x, axis, 1.0)
-    if shifted is None:
+    wide = x.dtype != np.float32
+    moved = np.moveaxis(x, axis, -1)
+    rows = np.ascontiguousarray(moved, dtype=np.float32).reshape(-1, moved.shape[-1])
+    out = np.empty(rows.shape[0], dtype=np.float64 if wide else np.float32)
+    if not _compiled().run_rows(_compiled().logsumexp_rows, rows, out, 1.0):
         return None
-    m, d = shifted
-    res = m.astype(np.float64) + _np_log_total(d, axis, overwrite=True)
-    if not keepdims:
-        res = np.squeeze(res, axis=axis)
-    return finish(res, x.dtype, np)
+    out = out.reshape(moved.shape[:-1])
+    if keepdims:
+        out = np.expand_dims(out, axis)
+    # a float32 result is the kernel's one rounding; float16 is rounded once from
+    # float64, and may overflow to inf where the true value is beyond float16 (SPEC §3.2)
+    return finish(out, x.dtype, np) if wide else out
 
 
 # --- PyTorch (CPU) ------------------------------------------------------------------------
+
+
+def _on_kernels(numpy_impl: Any, x: Any, *args: Any) -> Any:
+    """``numpy_impl`` on the memory of a float32 tensor that no autodiff or transform
+    sees (:func:`~stablemath._lib._compat.numpy_view`), as a tensor; ``False`` where
+    that does not apply (the torch-op path below then runs), None where the generic
+    kernel must decide."""
+    torch = sys.modules["torch"]
+    view = numpy_view(x) if x.dtype == torch.float32 else None
+    if view is None:
+        return False
+    res = numpy_impl(view, *args)
+    return None if res is None else torch.from_numpy(res)
 
 
 def _torch_max(x: Any, axis: int) -> Any:
@@ -181,6 +194,9 @@ def _torch_log_total(d: Any, axis: int) -> Any:
 
 
 def _torch_softmax(x: Any, axis: int, t: float) -> Any:
+    done = _on_kernels(_np_softmax, x, axis, t)
+    if done is not False:
+        return done
     torch = sys.modules["torch"]
     if x.numel() and _torch_max(x, axis) is None:
         return None
@@ -200,6 +216,9 @@ _TINY = 2.0**-20
 
 
 def _torch_log_softmax(x: Any, axis: int, t: float) -> Any:
+    done = _on_kernels(_np_log_softmax, x, axis, t)
+    if done is not False:
+        return done
     torch = sys.modules["torch"]
     out = torch.log_softmax(x if t == 1.0 else x.double() / t, dim=axis, dtype=torch.float64)
     # one global maximum tells both: NaN (a slice with a NaN or a non-finite maximum,
@@ -217,6 +236,9 @@ def _torch_log_softmax(x: Any, axis: int, t: float) -> Any:
 
 
 def _torch_logsumexp(x: Any, axis: int, keepdims: bool) -> Any:
+    done = _on_kernels(_np_logsumexp, x, axis, keepdims)
+    if done is not False:
+        return done
     torch = sys.modules["torch"]
     res = torch.logsumexp(x.double(), dim=axis, keepdim=keepdims)
     if res.numel():

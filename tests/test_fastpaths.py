@@ -165,3 +165,55 @@ def test_cross_entropy_generic_cases(fb, row, target, kw, generic_ce_calls, monk
         kw = {"where": fb.asarray(np.array([True]))}
     _ce(fb, row, target, **kw)
     assert generic_ce_calls == ["cross_entropy"]
+
+
+@pytest.fixture
+def kernel_runs(monkeypatch):
+    """Count the runs of the compiled row kernels (stablemath/_cpu_kernels.py)."""
+    from stablemath import _cpu_kernels
+
+    runs = []
+    real = _cpu_kernels.run_rows
+
+    def spy(kernel, *args):
+        runs.append(kernel.__name__)
+        return real(kernel, *args)
+
+    monkeypatch.setattr(_cpu_kernels, "run_rows", spy)
+    monkeypatch.delenv(_fastpaths.DISABLE_ENV, raising=False)
+    return runs
+
+
+def test_compiled_kernels_take_numpy_float32_and_float16(kernel_runs):
+    if not backends_named("numpy"):
+        pytest.skip("numpy not selected")
+    x = np.array([[1.0, 2.0, -np.inf]], dtype=np.float32)
+    for dtype in (np.float32, np.float16):
+        y = sm.softmax(x.astype(dtype), axis=0)
+        assert y.dtype == dtype
+        sm.log_softmax(x.astype(dtype))
+        sm.logsumexp(x.astype(dtype), keepdims=True)
+    assert kernel_runs == ["softmax_rows", "log_softmax_rows", "logsumexp_rows"] * 2
+
+
+def test_compiled_kernels_take_torch_tensors_no_autodiff_sees(kernel_runs):
+    """Only plain float32 CPU tensors outside autograd and torch.func: elsewhere the
+    kernels' values would be invisible to the derivative, and torch's own float64 ops
+    run instead."""
+    if not backends_named("numpy") or not backends_named("torch"):
+        pytest.skip("torch not selected")
+    torch = pytest.importorskip("torch")
+    x = torch.tensor([[1.0, 2.0, 3.0], [0.0, -1.0, 5.0]])
+    sm.softmax(x)
+    w = x.clone().requires_grad_(True)
+    with torch.no_grad():
+        sm.log_softmax(w)
+    assert kernel_runs == ["softmax_rows", "log_softmax_rows"]
+    y = sm.logsumexp(w)  # autograd records: torch ops
+    assert y.grad_fn is not None
+    torch.func.grad(lambda v: sm.logsumexp(v).sum())(x)
+    torch.func.vmap(sm.softmax)(x)
+    with torch.autograd.forward_ad.dual_level():
+        sm.softmax(torch.autograd.forward_ad.make_dual(x, torch.ones_like(x)))
+    sm.softmax(x.to(torch.bfloat16))
+    assert kernel_runs == ["softmax_rows", "log_softmax_rows"]

@@ -35,6 +35,7 @@ __all__ = [
     "ensure_array",
     "finish",
     "library_name",
+    "numpy_view",
     "with_derivative",
 ]
 
@@ -143,10 +144,38 @@ def can_inspect_values(x: Any) -> bool:
     if lib == "jax":
         return not isinstance(x, sys.modules["jax"].core.Tracer)
     if lib == "torch":
-        if sys.modules["torch"].compiler.is_compiling():
+        torch = sys.modules["torch"]
+        if torch.compiler.is_compiling() or x.device.type == "meta":
             return False
-        return x.device.type != "meta"
+        # torch.func.vmap cannot read one value of a batch (.item()); grad and jvp can
+        functorch = torch._C._functorch
+        while functorch.is_functorch_wrapped_tensor(x):
+            if functorch.is_batchedtensor(x):
+                return False
+            x = functorch.get_unwrapped(x)
+        return True
     return True
+
+
+def numpy_view(x: Any) -> np.ndarray | None:
+    """A NumPy array sharing the memory of the torch CPU tensor ``x``, or None where
+    computing outside torch would lose something: ``x`` takes part in autograd
+    (``requires_grad`` with grad mode on), is wrapped by a ``torch.func`` transform
+    (``grad``, ``vmap``, ``jvp``), may carry a forward-mode tangent (inside
+    ``torch.autograd.forward_ad.dual_level``), or is a subclass other than
+    ``Parameter``. The caller has checked the device and that no compiler traces."""
+    torch = sys.modules["torch"]
+    if type(x) is not torch.Tensor and type(x) is not torch.nn.Parameter:
+        return None
+    if x.requires_grad and torch.is_grad_enabled():
+        return None
+    if torch._C._functorch.is_functorch_wrapped_tensor(x):
+        return None
+    if getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0:
+        return None
+    if x.layout != torch.strided or x.is_neg():
+        return None
+    return x.detach().numpy()
 
 
 def finish(result: Any, dtype: Any, xp: Any) -> Any:
