@@ -34,7 +34,13 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-__all__ = ["log_softmax_rows", "logsumexp_rows", "run_rows", "softmax_rows"]
+__all__ = [
+    "cross_entropy_rows",
+    "log_softmax_rows",
+    "logsumexp_rows",
+    "run_rows",
+    "softmax_rows",
+]
 
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
@@ -188,6 +194,61 @@ def logsumexp_rows(x: Any, out: Any, r0: int, r1: int, inv_t: float) -> bool:
     return True
 
 
+@numba.njit(nogil=True, fastmath=_SUM, cache=True, error_model="numpy")
+def cross_entropy_rows(
+    x: Any,
+    out: Any,
+    r0: int,
+    r1: int,
+    target: Any,
+    weight: Any,
+    ignore_index: int,
+    smoothing: float,
+    kept: Any,
+) -> bool:
+    """Per-sample cross-entropy of the rows ``r0 <= i < r1`` with integer targets, in
+    float64: ``out[i]`` the loss, ``kept[i]`` the weight it counts with in a mean
+    (``weight[t]``, 1 without ``weight`` (an empty array), 0 for ``ignore_index``).
+
+    The loss is ``(m - x[t]) + (log(k) + log1p(s / k))``, a sum of two non-negative
+    terms, so a confident prediction keeps its relative precision (SPEC §3.5); with
+    ``smoothing = eps`` it is PyTorch's ``(1 - eps) w[t] nll + eps / C sum_c w[c]
+    (-log p_c)``. False for a row the generic kernel must decide: a NaN or a non-finite
+    maximum, a ``-inf`` logit at the target (or anywhere, with smoothing).
+    """
+    n = x.shape[1]
+    weighted = weight.shape[0] > 0
+    for i in range(r0, r1):
+        t = target[i]
+        if t == ignore_index:
+            out[i] = 0.0
+            kept[i] = 0.0
+            continue
+        row = x[i]
+        m = _row_max(row)
+        if not math.isfinite(m):
+            return False
+        total = _row_total(row, m, 1.0)
+        xt = np.float64(row[t])
+        if total != total or xt == -math.inf:
+            return False
+        w = weight[t] if weighted else 1.0
+        loss = w * ((m - xt) + total)
+        if smoothing > 0.0:
+            acc = 0.0
+            wsum = 0.0
+            for c in range(n):
+                wc = weight[c] if weighted else 1.0
+                acc += wc * (m - np.float64(row[c]))
+                wsum += wc
+            if not math.isfinite(acc):
+                return False
+            loss = (1.0 - smoothing) * loss + smoothing * (acc + wsum * total) / n
+        out[i] = loss
+        kept[i] = w
+    return True
+
+
 # --- threads ------------------------------------------------------------------------------
 
 # Below this many elements one thread does the whole array: handing rows to the pool
@@ -208,14 +269,15 @@ def _threads() -> int:
         return os.cpu_count() or 1
 
 
-def run_rows(kernel: Any, x: np.ndarray, out: np.ndarray, inv_t: float) -> bool:
-    """Run ``kernel`` on all rows of ``x``, over the CPU's threads when the array is
-    large enough to pay for it; False if some row is not for the kernels."""
+def run_rows(kernel: Any, x: np.ndarray, out: np.ndarray, *params: Any) -> bool:
+    """Run ``kernel(x, out, r0, r1, *params)`` on all rows of ``x``, over the CPU's
+    threads when the array is large enough to pay for it; False if some row is not for
+    the kernels."""
     global _POOL
     rows = x.shape[0]
     parts = min(_threads(), rows, max(1, x.size // _MIN_PARALLEL))
     if parts <= 1:
-        return bool(kernel(x, out, 0, rows, inv_t))
+        return bool(kernel(x, out, 0, rows, *params))
     if _POOL is None:
         _POOL = ThreadPoolExecutor(max_workers=_threads(), thread_name_prefix="stablemath")
     step = max(1, min(rows // parts, _BLOCK // max(1, x.shape[1])))
@@ -224,7 +286,7 @@ def run_rows(kernel: Any, x: np.ndarray, out: np.ndarray, inv_t: float) -> bool:
 
     def work() -> None:
         for r0 in starts:
-            if failed or not kernel(x, out, r0, min(r0 + step, rows), inv_t):
+            if failed or not kernel(x, out, r0, min(r0 + step, rows), *params):
                 failed.append(True)
                 return
 

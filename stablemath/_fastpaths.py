@@ -148,6 +148,40 @@ def _np_logsumexp(x: np.ndarray, axis: int, keepdims: bool) -> np.ndarray | None
     return finish(out, x.dtype, np) if wide else out
 
 
+def _np_cross_entropy(
+    x: np.ndarray,
+    target: np.ndarray,
+    axis: int,
+    weight: np.ndarray | None,
+    ignore_index: int,
+    reduction: str,
+    smoothing: float,
+) -> np.ndarray | None:
+    """Hard-target cross-entropy: the per-sample losses and weights from the kernel,
+    reduced here in float64 and rounded once. None where the generic kernel decides (a
+    row the kernel refuses, or a mean over no kept sample: SPEC §4's 0 with a zero
+    gradient)."""
+    moved = np.moveaxis(x, axis, -1)
+    rows = np.ascontiguousarray(moved, dtype=np.float32).reshape(-1, moved.shape[-1])
+    t = np.ascontiguousarray(target, dtype=np.int64).reshape(-1)
+    w = np.empty(0) if weight is None else np.ascontiguousarray(weight, dtype=np.float64)
+    loss = np.empty(rows.shape[0])
+    kept = np.empty(rows.shape[0])
+    kernel = _compiled().cross_entropy_rows
+    if not _compiled().run_rows(kernel, rows, loss, t, w, ignore_index, smoothing, kept):
+        return None
+    if reduction == "none":
+        res = loss.reshape(moved.shape[:-1])
+    elif reduction == "sum":
+        res = np.sum(loss)
+    else:
+        denominator = np.sum(kept)
+        if denominator == 0:
+            return None
+        res = np.sum(loss) / denominator
+    return finish(np.asarray(res), x.dtype, np)
+
+
 # --- PyTorch (CPU) ------------------------------------------------------------------------
 
 
@@ -268,6 +302,11 @@ def _torch_cross_entropy(
     smoothing: float,
 ) -> Any:
     torch = sys.modules["torch"]
+    view = numpy_view(x) if x.dtype == torch.float32 else None
+    w = None if weight is None else numpy_view(weight)
+    if view is not None and (weight is None or w is not None):
+        res = _np_cross_entropy(view, target.numpy(), axis, w, ignore_index, reduction, smoothing)
+        return None if res is None else torch.from_numpy(res)
     if x.ndim > 1 and axis != 1:
         x = torch.movedim(x, axis, 1)  # torch's class axis
     loss = torch.nn.functional.cross_entropy(
@@ -328,8 +367,9 @@ def cross_entropy(
     reduction: str,
     label_smoothing: float,
 ) -> Any:
-    """PyTorch CPU only: ``torch.nn.functional.cross_entropy`` computed in float64 on
-    integer targets, or None where the generic kernel must decide (see above)."""
-    if _kind(x) != "torch":
-        return None
-    return _torch_cross_entropy(x, target, axis, weight, ignore_index, reduction, label_smoothing)
+    """Cross-entropy with integer targets and the options torch has: the compiled
+    kernel for NumPy arrays and float32 tensors outside autodiff, torch's
+    ``cross_entropy`` in float64 for other torch CPU tensors; None where the generic
+    kernel must decide (see above)."""
+    args = (x, target, axis, weight, ignore_index, reduction, label_smoothing)
+    return _dispatch(_np_cross_entropy, _torch_cross_entropy, *args)

@@ -133,9 +133,9 @@ def _ce(fb, row, target, **kw):
     return sm.cross_entropy(x, fb.asarray(np.array(target)), **kw)
 
 
-def test_cross_entropy_fast_path_on_torch(fb, generic_ce_calls, monkeypatch):
-    """torch CPU float32 hard targets with torch's own options run torch's loss in
-    float64; NumPy (no native loss to reuse) stays on the generic kernel."""
+def test_cross_entropy_fast_path(fb, generic_ce_calls, monkeypatch):
+    """float32 hard targets with torch's own options take the fast path: the compiled
+    kernel (NumPy, torch outside autodiff) or torch's loss in float64."""
     monkeypatch.delenv(_fastpaths.DISABLE_ENV, raising=False)
     w = fb.asarray(np.array([1.0, 2.0, 0.5]), dtype="float32")
     rows = [[1.0, 2.0, 3.0], [0.0, -1.0, 5.0]]
@@ -143,13 +143,15 @@ def test_cross_entropy_fast_path_on_torch(fb, generic_ce_calls, monkeypatch):
         _ce(fb, rows, [0, 2], reduction=reduction, weight=w, label_smoothing=0.1)
     _ce(fb, [[[1.0, 2.0], [3.0, 0.0], [0.5, 0.5]]], [[1, 2]], axis=1, ignore_index=2)
     _ce(fb, [[1.0, 2.0, 0.0], [1.0, 2.0, 0.0]], [0, -100], reduction="none")
-    assert generic_ce_calls == ([] if fb.name == "torch" else ["cross_entropy"] * 5)
+    x = fb.asarray(np.array(rows), dtype="float32")
+    if fb.name == "torch":
+        sm.cross_entropy(x.requires_grad_(True), fb.asarray(np.array([0, 2])), weight=w)
+    assert generic_ce_calls == []
 
 
 @pytest.mark.parametrize(
     ("row", "target", "kw"),
     [
-        ([[100.0, 1.0, 0.0]], [0], {}),  # confident: loss below 2**-20, SPEC §3.5
         ([[1.0, -math.inf, 0.0]], [1], {}),  # -inf at the target: +inf
         ([[math.inf, 1.0, 0.0]], [0], {}),  # +inf logit
         ([[1.0, 2.0, 0.0]], [-100], {}),  # all ignored: 0, not torch's NaN
@@ -160,11 +162,32 @@ def test_cross_entropy_fast_path_on_torch(fb, generic_ce_calls, monkeypatch):
     ],
 )
 def test_cross_entropy_generic_cases(fb, row, target, kw, generic_ce_calls, monkeypatch):
+    """The cases the fast paths hand back, with and without autograd."""
     monkeypatch.delenv(_fastpaths.DISABLE_ENV, raising=False)
     if kw.get("where") is True:
         kw = {"where": fb.asarray(np.array([True]))}
     _ce(fb, row, target, **kw)
     assert generic_ce_calls == ["cross_entropy"]
+    if fb.name == "torch":  # torch's float64 loss
+        x = fb.asarray(np.array(row), dtype="float32").requires_grad_(True)
+        sm.cross_entropy(x, fb.asarray(np.array(target)), **kw)
+        assert generic_ce_calls == ["cross_entropy"] * 2
+
+
+def test_confident_cross_entropy(fb, generic_ce_calls, monkeypatch):
+    """A loss below 2**-20 (SPEC §3.5): the compiled kernel forms it to full relative
+    precision itself; torch's float64 loss is not that precise, so with autograd the
+    generic kernel decides."""
+    monkeypatch.delenv(_fastpaths.DISABLE_ENV, raising=False)
+    x = fb.asarray(np.array([[100.0, 1.0, 0.0]]), dtype="float32")
+    t = fb.asarray(np.array([0]))
+    loss = float(fb.to_numpy(sm.cross_entropy(x, t)))
+    exact = math.log1p(math.exp(-99) + math.exp(-100))  # 1.383e-43, a float32 subnormal
+    assert loss == float(np.float32(exact))
+    assert generic_ce_calls == []
+    if fb.name == "torch":
+        sm.cross_entropy(x.requires_grad_(True), t)
+        assert generic_ce_calls == ["cross_entropy"]
 
 
 @pytest.fixture
