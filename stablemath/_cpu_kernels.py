@@ -262,11 +262,18 @@ _BLOCK = 1 << 15
 _POOL: ThreadPoolExecutor | None = None
 
 
-def _threads() -> int:
+def _count_threads() -> int:
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
+
+
+_THREADS = _count_threads()  # read once: the system call costs a microsecond
+
+
+def _threads() -> int:
+    return _THREADS
 
 
 def run_rows(kernel: Any, x: np.ndarray, out: np.ndarray, *params: Any) -> bool:
@@ -275,7 +282,9 @@ def run_rows(kernel: Any, x: np.ndarray, out: np.ndarray, *params: Any) -> bool:
     the kernels."""
     global _POOL
     rows = x.shape[0]
-    parts = min(_threads(), rows, max(1, x.size // _MIN_PARALLEL))
+    if x.size < 2 * _MIN_PARALLEL:
+        return bool(kernel(x, out, 0, rows, *params))
+    parts = min(_threads(), rows, x.size // _MIN_PARALLEL)
     if parts <= 1:
         return bool(kernel(x, out, 0, rows, *params))
     if _POOL is None:

@@ -105,23 +105,43 @@ def _kind(x: Any) -> str | None:
 # --- NumPy arrays and plain torch CPU float32 tensors: the compiled row kernels ---------
 
 
+_COMPILED: Any = None
+
+
 def _compiled() -> Any:
     """:mod:`stablemath._cpu_kernels`, imported at first use: importing Numba takes
     about 0.2 s, which ``import stablemath`` should not pay."""
-    from . import _cpu_kernels
+    global _COMPILED
+    if _COMPILED is None:
+        from . import _cpu_kernels
 
-    return _cpu_kernels
+        _COMPILED = _cpu_kernels
+    return _COMPILED
+
+
+def _as_rows(x: np.ndarray, axis: int) -> tuple[np.ndarray, tuple[int, ...]]:
+    """The slices of ``x`` along ``axis`` as the rows of a C-contiguous float32 array
+    (a view when ``axis`` is the last one of a contiguous float32 array, else one
+    copy), and the shape of ``x`` with ``axis`` moved last."""
+    if axis == x.ndim - 1:
+        shape = x.shape
+    else:  # np.moveaxis costs 2-3 us: too much to pay for the common case
+        x = np.moveaxis(x, axis, -1)
+        shape = x.shape
+    if x.dtype != np.float32 or not x.flags.c_contiguous:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+    return x.reshape(-1, shape[-1]), shape
 
 
 def _np_normalise(kernel: Any, x: np.ndarray, axis: int, t: float) -> np.ndarray | None:
     """softmax or log_softmax; float16 results are rounded once, from float64."""
     wide = x.dtype != np.float32
-    moved = np.moveaxis(x, axis, -1)
-    rows = np.ascontiguousarray(moved, dtype=np.float32).reshape(-1, moved.shape[-1])
-    out = np.empty(rows.shape, dtype=np.float64 if wide else np.float32)
-    if not _compiled().run_rows(kernel, rows, out, 1.0 / t):
+    rows, shape = _as_rows(x, axis)
+    out = np.empty(shape, dtype=np.float64 if wide else np.float32)
+    if not _compiled().run_rows(kernel, rows, out.reshape(rows.shape), 1.0 / t):
         return None
-    out = np.moveaxis(out.reshape(moved.shape), -1, axis)
+    if axis != x.ndim - 1:
+        out = np.moveaxis(out, -1, axis)
     return finish(out, x.dtype, np) if wide else out
 
 
@@ -135,12 +155,10 @@ def _np_log_softmax(x: np.ndarray, axis: int, t: float) -> np.ndarray | None:
 
 def _np_logsumexp(x: np.ndarray, axis: int, keepdims: bool) -> np.ndarray | None:
     wide = x.dtype != np.float32
-    moved = np.moveaxis(x, axis, -1)
-    rows = np.ascontiguousarray(moved, dtype=np.float32).reshape(-1, moved.shape[-1])
-    out = np.empty(rows.shape[0], dtype=np.float64 if wide else np.float32)
-    if not _compiled().run_rows(_compiled().logsumexp_rows, rows, out, 1.0):
+    rows, shape = _as_rows(x, axis)
+    out = np.empty(shape[:-1], dtype=np.float64 if wide else np.float32)
+    if not _compiled().run_rows(_compiled().logsumexp_rows, rows, out.reshape(-1), 1.0):
         return None
-    out = out.reshape(moved.shape[:-1])
     if keepdims:
         out = np.expand_dims(out, axis)
     # a float32 result is the kernel's one rounding; float16 is rounded once from
@@ -161,8 +179,7 @@ def _np_cross_entropy(
     reduced here in float64 and rounded once. None where the generic kernel decides (a
     row the kernel refuses, or a mean over no kept sample: SPEC §4's 0 with a zero
     gradient)."""
-    moved = np.moveaxis(x, axis, -1)
-    rows = np.ascontiguousarray(moved, dtype=np.float32).reshape(-1, moved.shape[-1])
+    rows, shape = _as_rows(x, axis)
     t = np.ascontiguousarray(target, dtype=np.int64).reshape(-1)
     w = np.empty(0) if weight is None else np.ascontiguousarray(weight, dtype=np.float64)
     loss = np.empty(rows.shape[0])
@@ -171,7 +188,7 @@ def _np_cross_entropy(
     if not _compiled().run_rows(kernel, rows, loss, t, w, ignore_index, smoothing, kept):
         return None
     if reduction == "none":
-        res = loss.reshape(moved.shape[:-1])
+        res = loss.reshape(shape[:-1])
     elif reduction == "sum":
         res = np.sum(loss)
     else:
