@@ -35,6 +35,7 @@ from numba import types
 from numba.extending import intrinsic
 
 __all__ = [
+    "cross_entropy_grad_rows",
     "cross_entropy_rows",
     "log_softmax_rows",
     "logsumexp_rows",
@@ -194,6 +195,32 @@ def logsumexp_rows(x: Any, out: Any, r0: int, r1: int, inv_t: float) -> bool:
     return True
 
 
+@numba.njit(fastmath=_SUM, cache=True, error_model="numpy")
+def _row_loss(row: Any, t: int, m: float, total: float, weight: Any, smoothing: float) -> float:
+    """The cross-entropy of one row with target ``t``: ``w[t] ((m - x[t]) + total)``,
+    with smoothing ``eps``: ``(1 - eps)`` times that plus ``eps / C sum_c w[c] (m - x[c]
+    + total)``. NaN for a row the generic kernel must decide (a ``-inf`` logit at the
+    target, or anywhere with smoothing)."""
+    n = row.shape[0]
+    weighted = weight.shape[0] > 0
+    xt = np.float64(row[t])
+    if xt == -math.inf:
+        return math.nan
+    w = weight[t] if weighted else 1.0
+    loss = w * ((m - xt) + total)
+    if smoothing > 0.0:
+        acc = 0.0
+        wsum = 0.0
+        for c in range(n):
+            wc = weight[c] if weighted else 1.0
+            acc += wc * (m - np.float64(row[c]))
+            wsum += wc
+        if not math.isfinite(acc):
+            return math.nan
+        loss = (1.0 - smoothing) * loss + smoothing * (acc + wsum * total) / n
+    return loss
+
+
 @numba.njit(nogil=True, fastmath=_SUM, cache=True, error_model="numpy")
 def cross_entropy_rows(
     x: Any,
@@ -216,7 +243,6 @@ def cross_entropy_rows(
     (-log p_c)``. False for a row the generic kernel must decide: a NaN or a non-finite
     maximum, a ``-inf`` logit at the target (or anywhere, with smoothing).
     """
-    n = x.shape[1]
     weighted = weight.shape[0] > 0
     for i in range(r0, r1):
         t = target[i]
@@ -229,23 +255,64 @@ def cross_entropy_rows(
         if not math.isfinite(m):
             return False
         total = _row_total(row, m, 1.0)
-        xt = np.float64(row[t])
-        if total != total or xt == -math.inf:
+        loss = _row_loss(row, t, m, total, weight, smoothing)
+        if loss != loss:
+            return False
+        out[i] = loss
+        kept[i] = weight[t] if weighted else 1.0
+    return True
+
+
+@numba.njit(nogil=True, fastmath=_SUM, cache=True, error_model="numpy")
+def cross_entropy_grad_rows(
+    x: Any,
+    out: Any,
+    r0: int,
+    r1: int,
+    target: Any,
+    weight: Any,
+    ignore_index: int,
+    smoothing: float,
+    kept: Any,
+    grad: Any,
+    scale: float,
+) -> bool:
+    """:func:`cross_entropy_rows`, and in the same pass over each row the gradient of
+    ``scale`` times its loss: ``grad[i, c] = scale (a p_c - eps w_c / C - (1 - eps)
+    w_t [c = t])`` with ``p = exp(x - logsumexp(x))`` and ``a = (1 - eps) w_t + eps
+    sum(w) / C``, rounded once; zero for an ignored row."""
+    n = x.shape[1]
+    weighted = weight.shape[0] > 0
+    wsum = 0.0
+    for c in range(n):
+        wsum += weight[c] if weighted else 1.0
+    for i in range(r0, r1):
+        g = grad[i]
+        t = target[i]
+        if t == ignore_index:
+            out[i] = 0.0
+            kept[i] = 0.0
+            for c in range(n):
+                g[c] = 0.0
+            continue
+        row = x[i]
+        m = _row_max(row)
+        if not math.isfinite(m):
+            return False
+        total = _row_total(row, m, 1.0)
+        loss = _row_loss(row, t, m, total, weight, smoothing)
+        if loss != loss:
             return False
         w = weight[t] if weighted else 1.0
-        loss = w * ((m - xt) + total)
-        if smoothing > 0.0:
-            acc = 0.0
-            wsum = 0.0
-            for c in range(n):
-                wc = weight[c] if weighted else 1.0
-                acc += wc * (m - np.float64(row[c]))
-                wsum += wc
-            if not math.isfinite(acc):
-                return False
-            loss = (1.0 - smoothing) * loss + smoothing * (acc + wsum * total) / n
         out[i] = loss
         kept[i] = w
+        a = scale * ((1.0 - smoothing) * w + smoothing * wsum / n)
+        b = scale * smoothing / n
+        for c in range(n):
+            p = _exp_nonpos(_shift(row[c], m, 1.0) - total)
+            g[c] = a * p - b * (weight[c] if weighted else 1.0)
+        p = _exp_nonpos(_shift(row[t], m, 1.0) - total)
+        g[t] = (a * p - b * w) - scale * (1.0 - smoothing) * w
     return True
 
 

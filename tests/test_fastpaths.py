@@ -20,14 +20,24 @@ pytestmark = pytest.mark.skipif(not FAST, reason="numpy/torch not selected")
 FUNCS = ["softmax", "log_softmax", "logsumexp"]
 
 
-@pytest.fixture(params=FAST, ids=[b.name for b in FAST])
-def fb(request):
-    if request.param.name == "torch":
-        if str(request.param.asarray([0.0]).device) != "cpu":
+def _fast_backend(backend):
+    if backend.name == "torch":
+        if str(backend.asarray([0.0]).device) != "cpu":
             pytest.skip("the torch fast path is for CPU tensors")
         if os.environ.get("TRITON_INTERPRET") == "1":
             pytest.skip("under TRITON_INTERPRET=1 the Triton kernels take CPU tensors")
-    return request.param
+    return backend
+
+
+@pytest.fixture(params=FAST, ids=[b.name for b in FAST])
+def fb(request):
+    return _fast_backend(request.param)
+
+
+@pytest.fixture(params=backends_named("torch"), ids=lambda b: b.name)
+def tb(request):
+    """The torch backend alone (autograd), on the terms of ``fb``."""
+    return _fast_backend(request.param)
 
 
 @pytest.fixture
@@ -176,18 +186,80 @@ def test_cross_entropy_generic_cases(fb, row, target, kw, generic_ce_calls, monk
 
 def test_confident_cross_entropy(fb, generic_ce_calls, monkeypatch):
     """A loss below 2**-20 (SPEC §3.5): the compiled kernel forms it to full relative
-    precision itself; torch's float64 loss is not that precise, so with autograd the
-    generic kernel decides."""
+    precision itself, with autograd too; torch's float64 loss is not that precise, so
+    for bfloat16 the generic kernel decides."""
     monkeypatch.delenv(_fastpaths.DISABLE_ENV, raising=False)
     x = fb.asarray(np.array([[100.0, 1.0, 0.0]]), dtype="float32")
     t = fb.asarray(np.array([0]))
-    loss = float(fb.to_numpy(sm.cross_entropy(x, t)))
     exact = math.log1p(math.exp(-99) + math.exp(-100))  # 1.383e-43, a float32 subnormal
-    assert loss == float(np.float32(exact))
+    assert float(fb.to_numpy(sm.cross_entropy(x, t))) == float(np.float32(exact))
     assert generic_ce_calls == []
     if fb.name == "torch":
-        sm.cross_entropy(x.requires_grad_(True), t)
+        loss = sm.cross_entropy(x.requires_grad_(True), t)
+        assert float(loss.detach()) == float(np.float32(exact))
+        assert generic_ce_calls == []
+        sm.cross_entropy(x.detach().to(fb.module.bfloat16).requires_grad_(True), t)
         assert generic_ce_calls == ["cross_entropy"]
+
+
+CE_OPTIONS = [
+    {},
+    {"reduction": "sum", "label_smoothing": 0.2},
+    {"reduction": "none", "ignore_index": 1},
+    {"weight": True, "label_smoothing": 0.1, "ignore_index": 2},
+    {"weight": True, "reduction": "none"},
+]
+
+
+@pytest.mark.parametrize("kw", CE_OPTIONS)
+@pytest.mark.parametrize("axis", [-1, 0])
+def test_cross_entropy_kernel_gradient(tb, kw, axis, generic_ce_calls, monkeypatch):
+    """torch float32 with autograd: loss and gradient from one kernel pass, against
+    torch's float64 loss and its autograd gradient, for a random upstream gradient;
+    a retained graph gives it a second time (then from torch's float64 ops)."""
+    torch = tb.module
+    monkeypatch.delenv(_fastpaths.DISABLE_ENV, raising=False)
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(40, 7, generator=gen) * 3).requires_grad_(True)
+    t = torch.randint(0, 7, (40,), generator=gen)
+    kw = dict(kw)
+    if kw.pop("weight", False):
+        kw["weight"] = torch.rand(7, generator=gen) + 0.5
+    xa = x if axis == -1 else x.T
+    loss = sm.cross_entropy(xa, t, axis=axis, **kw)
+    assert type(loss.grad_fn).__name__ == "PrecomputedGradBackward"
+    up = torch.randn(loss.shape, generator=gen)
+    (got,) = torch.autograd.grad(loss, x, up, retain_graph=True)
+    (again,) = torch.autograd.grad(loss, x, up)
+    x64 = x.detach().double().requires_grad_(True)
+    kw64 = {k: v.double() if k == "weight" else v for k, v in kw.items()}
+    want = torch.nn.functional.cross_entropy(x64, t, **kw64)
+    (want_grad,) = torch.autograd.grad(want, x64, up.double())
+    np.testing.assert_allclose(loss.detach().numpy(), want.detach().numpy(), rtol=2e-7, atol=1e-30)
+    np.testing.assert_allclose(got.numpy(), want_grad.numpy(), rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(again.numpy(), want_grad.numpy(), rtol=1e-6, atol=1e-8)
+    assert generic_ce_calls == []
+
+
+def test_cross_entropy_kernel_second_derivative(tb, monkeypatch):
+    """create_graph: the backward is torch's differentiable one, so Hessians match."""
+    torch = tb.module
+    monkeypatch.delenv(_fastpaths.DISABLE_ENV, raising=False)
+    x = torch.tensor([[1.0, -2.0, 0.5], [3.0, 0.0, 0.0]])
+    t = torch.tensor([2, 0])
+    w = torch.tensor([1.0, 2.0, 0.5])
+
+    def ours(v):
+        return sm.cross_entropy(v, t, weight=w, label_smoothing=0.1)
+
+    def theirs(v):
+        return torch.nn.functional.cross_entropy(v, t, weight=w, label_smoothing=0.1)
+
+    h = torch.autograd.functional.hessian(ours, x)
+    np.testing.assert_allclose(
+        h.numpy(), torch.autograd.functional.hessian(theirs, x).numpy(), atol=1e-6
+    )
+    assert h.abs().sum() > 0
 
 
 @pytest.fixture
@@ -235,7 +307,9 @@ def test_compiled_kernels_take_torch_tensors_no_autodiff_sees(kernel_runs):
     y = sm.logsumexp(w)  # autograd records: torch ops
     assert y.grad_fn is not None
     torch.func.grad(lambda v: sm.logsumexp(v).sum())(x)
-    torch.func.vmap(sm.softmax)(x)
+    for func in FUNCS:  # torch.func.vmap of float32 tensors used to fail on .item()
+        f = getattr(sm, func)
+        torch.testing.assert_close(torch.func.vmap(f)(x), f(x.double()).float())
     with torch.autograd.forward_ad.dual_level():
         sm.softmax(torch.autograd.forward_ad.make_dual(x, torch.ones_like(x)))
     sm.softmax(x.to(torch.bfloat16))

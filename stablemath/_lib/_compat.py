@@ -157,17 +157,18 @@ def can_inspect_values(x: Any) -> bool:
     return True
 
 
-def numpy_view(x: Any) -> np.ndarray | None:
+def numpy_view(x: Any, *, attaches_grad: bool = False) -> np.ndarray | None:
     """A NumPy array sharing the memory of the torch CPU tensor ``x``, or None where
     computing outside torch would lose something: ``x`` takes part in autograd
-    (``requires_grad`` with grad mode on), is wrapped by a ``torch.func`` transform
+    (``requires_grad`` with grad mode on; allowed with ``attaches_grad``, when the
+    caller attaches the derivative itself), is wrapped by a ``torch.func`` transform
     (``grad``, ``vmap``, ``jvp``), may carry a forward-mode tangent (inside
     ``torch.autograd.forward_ad.dual_level``), or is a subclass other than
     ``Parameter``. The caller has checked the device and that no compiler traces."""
     torch = sys.modules["torch"]
     if type(x) is not torch.Tensor and type(x) is not torch.nn.Parameter:
         return None
-    if x.requires_grad and torch.is_grad_enabled():
+    if x.requires_grad and torch.is_grad_enabled() and not attaches_grad:
         return None
     if torch._C._functorch.is_functorch_wrapped_tensor(x):
         return None
