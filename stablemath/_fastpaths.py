@@ -288,13 +288,20 @@ def _on_kernels(numpy_impl: Any, x: Any, *args: Any) -> Any:
     """``numpy_impl`` on the memory of a float32 tensor that no autodiff or transform
     sees (:func:`~stablemath._lib._compat.numpy_view`), as a tensor; ``False`` where
     that does not apply (the torch-op path below then runs), None where the generic
-    kernel must decide."""
+    kernel must decide. A bfloat16 or float16 tensor is widened to float32 (exact) and
+    the float32 result rounded to its dtype (SPEC §3.4: float32 arithmetic inside)."""
     torch = sys.modules["torch"]
-    view = numpy_view(x) if x.dtype == torch.float32 else None
+    half = x.dtype in (torch.bfloat16, torch.float16)
+    if half and not (x.requires_grad and torch.is_grad_enabled()):
+        view = numpy_view(x.float())
+    else:
+        view = numpy_view(x) if x.dtype == torch.float32 else None
     if view is None:
         return False
     res = numpy_impl(view, *args)
-    return None if res is None else torch.from_numpy(res)
+    if res is None:
+        return None
+    return torch.from_numpy(res).to(x.dtype) if half else torch.from_numpy(res)
 
 
 def _torch_max(x: Any, axis: int) -> Any:

@@ -292,9 +292,9 @@ def test_compiled_kernels_take_numpy_float32_and_float16(kernel_runs):
 
 
 def test_compiled_kernels_take_torch_tensors_no_autodiff_sees(kernel_runs):
-    """Only plain float32 CPU tensors outside autograd and torch.func: elsewhere the
-    kernels' values would be invisible to the derivative, and torch's own float64 ops
-    run instead."""
+    """Only plain CPU tensors outside autograd and torch.func (float32, and half
+    precision through float32): elsewhere the kernels' values would be invisible to the
+    derivative, and torch's own float64 ops run instead."""
     if not backends_named("numpy") or not backends_named("torch"):
         pytest.skip("torch not selected")
     torch = pytest.importorskip("torch")
@@ -312,5 +312,10 @@ def test_compiled_kernels_take_torch_tensors_no_autodiff_sees(kernel_runs):
         torch.testing.assert_close(torch.func.vmap(f)(x), f(x.double()).float())
     with torch.autograd.forward_ad.dual_level():
         sm.softmax(torch.autograd.forward_ad.make_dual(x, torch.ones_like(x)))
-    sm.softmax(x.to(torch.bfloat16))
     assert kernel_runs == ["softmax_rows", "log_softmax_rows"]
+    for dtype in (torch.bfloat16, torch.float16):  # widened to float32, rounded back
+        y = sm.softmax(x.to(dtype))
+        assert y.dtype == dtype
+        torch.testing.assert_close(y, torch.softmax(x.double(), -1).to(dtype), rtol=0, atol=0)
+        sm.softmax(x.to(dtype).requires_grad_(True))  # autograd: torch's ops
+    assert kernel_runs == ["softmax_rows", "log_softmax_rows"] + ["softmax_rows"] * 2
