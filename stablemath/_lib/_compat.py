@@ -36,6 +36,7 @@ __all__ = [
     "finish",
     "library_name",
     "numpy_view",
+    "widest_float",
     "with_derivative",
 ]
 
@@ -177,6 +178,25 @@ def numpy_view(x: Any, *, attaches_grad: bool = False) -> np.ndarray | None:
     if x.layout != torch.strided or x.is_neg():
         return None
     return x.detach().numpy()
+
+
+_WIDEST: dict[tuple[str, str], Any] = {}
+
+
+def widest_float(xp: Any, device: Any) -> Any:
+    """float64 where the namespace offers it on ``device``, else float32. Asking the
+    namespace's info object costs torch 8 us a call, so the answer is kept per
+    namespace and device; not for JAX, where ``jax_enable_x64`` may change it at any
+    time."""
+    key = (getattr(xp, "__name__", repr(xp)), str(device))
+    cached = _WIDEST.get(key)
+    if cached is not None:
+        return cached
+    info = xp.__array_namespace_info__()
+    wide = info.dtypes(device=device, kind="real floating").get("float64", xp.float32)
+    if "jax" not in key[0]:
+        _WIDEST[key] = wide
+    return wide
 
 
 def finish(result: Any, dtype: Any, xp: Any) -> Any:

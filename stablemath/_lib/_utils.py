@@ -10,6 +10,8 @@ import math
 import operator
 from typing import Any
 
+from ._compat import widest_float
+
 __all__ = [
     "check_complex",
     "check_temperature",
@@ -110,9 +112,7 @@ def compute_dtype(xp: Any, dtype: Any, out_dtype: Any = None, device: Any = None
     if xp.isdtype(work, "complex floating"):
         return work
     if xp.finfo(work).bits <= 32:
-        info = xp.__array_namespace_info__()
-        wide = info.dtypes(device=device, kind="real floating")
-        work = wide.get("float64", xp.float32)
+        work = widest_float(xp, device)
     if out_dtype is not None and xp.finfo(out_dtype).bits > xp.finfo(work).bits:
         work = out_dtype
     return work
