@@ -35,7 +35,6 @@ from numba import types
 from numba.extending import intrinsic
 
 __all__ = [
-    "cross_entropy_grad_rows",
     "cross_entropy_rows",
     "log_softmax_rows",
     "logsumexp_rows",
@@ -132,6 +131,16 @@ def _row_total(row: Any, m: float, inv_t: float) -> float:
     return math.log(k) + math.log1p(s / k)
 
 
+@numba.njit(fastmath=_SUM, cache=True, error_model="numpy")
+def _row_stats(row: Any, inv_t: float) -> tuple[float, float]:
+    """The row's maximum and :func:`_row_total`; the total is NaN for a row that is not
+    for these kernels (a NaN, or a maximum that is not finite)."""
+    m = _row_max(row)
+    if not math.isfinite(m):
+        return m, math.nan
+    return m, _row_total(row, m, inv_t)
+
+
 @numba.njit(nogil=True, fastmath=_SUM, cache=True, error_model="numpy")
 def softmax_rows(x: Any, out: Any, r0: int, r1: int, inv_t: float) -> bool:
     """``out[i] = softmax(x[i] * inv_t)`` for ``r0 <= i < r1``; ``out`` float32 or
@@ -167,10 +176,7 @@ def log_softmax_rows(x: Any, out: Any, r0: int, r1: int, inv_t: float) -> bool:
     n = x.shape[1]
     for i in range(r0, r1):
         row = x[i]
-        m = _row_max(row)
-        if not math.isfinite(m):
-            return False
-        total = _row_total(row, m, inv_t)
+        m, total = _row_stats(row, inv_t)
         if total != total:
             return False
         o = out[i]
@@ -185,10 +191,7 @@ def logsumexp_rows(x: Any, out: Any, r0: int, r1: int, inv_t: float) -> bool:
     False as for :func:`softmax_rows`."""
     for i in range(r0, r1):
         row = x[i]
-        m = _row_max(row)
-        if not math.isfinite(m):
-            return False
-        total = _row_total(row, m, inv_t)
+        m, total = _row_stats(row, inv_t)
         if total != total:
             return False
         out[i] = m + total
@@ -232,6 +235,8 @@ def cross_entropy_rows(
     ignore_index: int,
     smoothing: float,
     kept: Any,
+    grad: Any,
+    scale: float,
 ) -> bool:
     """Per-sample cross-entropy of the rows ``r0 <= i < r1`` with integer targets, in
     float64: ``out[i]`` the loss, ``kept[i]`` the weight it counts with in a mean
@@ -242,77 +247,43 @@ def cross_entropy_rows(
     ``smoothing = eps`` it is PyTorch's ``(1 - eps) w[t] nll + eps / C sum_c w[c]
     (-log p_c)``. False for a row the generic kernel must decide: a NaN or a non-finite
     maximum, a ``-inf`` logit at the target (or anywhere, with smoothing).
+
+    Unless ``grad`` is empty (shape ``(0, 0)``), the same pass over each row writes the
+    gradient of ``scale`` times its loss: ``grad[i, c] = scale (a p_c - eps w_c / C -
+    (1 - eps) w_t [c = t])`` with ``p = exp(x - logsumexp(x))`` and ``a = (1 - eps) w_t
+    + eps sum(w) / C``, rounded once; zero for an ignored row.
     """
-    weighted = weight.shape[0] > 0
-    for i in range(r0, r1):
-        t = target[i]
-        if t == ignore_index:
-            out[i] = 0.0
-            kept[i] = 0.0
-            continue
-        row = x[i]
-        m = _row_max(row)
-        if not math.isfinite(m):
-            return False
-        total = _row_total(row, m, 1.0)
-        loss = _row_loss(row, t, m, total, weight, smoothing)
-        if loss != loss:
-            return False
-        out[i] = loss
-        kept[i] = weight[t] if weighted else 1.0
-    return True
-
-
-@numba.njit(nogil=True, fastmath=_SUM, cache=True, error_model="numpy")
-def cross_entropy_grad_rows(
-    x: Any,
-    out: Any,
-    r0: int,
-    r1: int,
-    target: Any,
-    weight: Any,
-    ignore_index: int,
-    smoothing: float,
-    kept: Any,
-    grad: Any,
-    scale: float,
-) -> bool:
-    """:func:`cross_entropy_rows`, and in the same pass over each row the gradient of
-    ``scale`` times its loss: ``grad[i, c] = scale (a p_c - eps w_c / C - (1 - eps)
-    w_t [c = t])`` with ``p = exp(x - logsumexp(x))`` and ``a = (1 - eps) w_t + eps
-    sum(w) / C``, rounded once; zero for an ignored row."""
     n = x.shape[1]
     weighted = weight.shape[0] > 0
+    with_grad = grad.shape[0] > 0
     wsum = 0.0
     for c in range(n):
         wsum += weight[c] if weighted else 1.0
     for i in range(r0, r1):
-        g = grad[i]
         t = target[i]
         if t == ignore_index:
             out[i] = 0.0
             kept[i] = 0.0
-            for c in range(n):
-                g[c] = 0.0
+            if with_grad:
+                grad[i, :] = 0.0
             continue
         row = x[i]
-        m = _row_max(row)
-        if not math.isfinite(m):
-            return False
-        total = _row_total(row, m, 1.0)
+        m, total = _row_stats(row, 1.0)
         loss = _row_loss(row, t, m, total, weight, smoothing)
         if loss != loss:
             return False
         w = weight[t] if weighted else 1.0
         out[i] = loss
         kept[i] = w
-        a = scale * ((1.0 - smoothing) * w + smoothing * wsum / n)
-        b = scale * smoothing / n
-        for c in range(n):
-            p = _exp_nonpos(_shift(row[c], m, 1.0) - total)
-            g[c] = a * p - b * (weight[c] if weighted else 1.0)
-        p = _exp_nonpos(_shift(row[t], m, 1.0) - total)
-        g[t] = (a * p - b * w) - scale * (1.0 - smoothing) * w
+        if with_grad:
+            g = grad[i]
+            a = scale * ((1.0 - smoothing) * w + smoothing * wsum / n)
+            b = scale * smoothing / n
+            for c in range(n):
+                p = _exp_nonpos(_shift(row[c], m, 1.0) - total)
+                g[c] = a * p - b * (weight[c] if weighted else 1.0)
+            p = _exp_nonpos(_shift(row[t], m, 1.0) - total)
+            g[t] = (a * p - b * w) - scale * (1.0 - smoothing) * w
     return True
 
 

@@ -188,7 +188,9 @@ def _np_cross_entropy(
     loss = np.empty(rows.shape[0])
     kept = np.empty(rows.shape[0])
     kernel = _compiled().cross_entropy_rows
-    if not _compiled().run_rows(kernel, rows, loss, t, w, ignore_index, smoothing, kept):
+    no_grad = np.empty((0, 0), dtype=np.float32)
+    args = (t, w, ignore_index, smoothing, kept, no_grad, 1.0)
+    if not _compiled().run_rows(kernel, rows, loss, *args):
         return None
     if reduction == "none":
         res = loss.reshape(shape[:-1])
@@ -228,7 +230,7 @@ def _np_cross_entropy_and_grad(
     loss = np.empty(rows.shape[0])
     kept = np.empty(rows.shape[0])
     grad = np.empty(shape, dtype=np.float32) if empty is None else empty(shape)
-    kernel = _compiled().cross_entropy_grad_rows
+    kernel = _compiled().cross_entropy_rows
     args = (t, w, ignore_index, smoothing, kept, grad.reshape(rows.shape), scale)
     if not _compiled().run_rows(kernel, rows, loss, *args):
         return None

@@ -108,3 +108,36 @@ def test_temperature_and_float64_output():
     )
     ref /= ref.sum(axis=1, keepdims=True)
     np.testing.assert_allclose(out, ref, rtol=1e-9, atol=1e-300)
+
+
+@pytest.mark.parametrize("with_grad", [False, True])
+def test_cross_entropy_rows_split_over_threads(with_grad, monkeypatch):
+    """The cross-entropy kernel, with and without its gradient, split over threads
+    equals one call over all rows; ignored rows give 0 with weight 0."""
+    x = _rows((203, 700))
+    x[x == -np.inf] = -50.0  # -inf logits go to the generic kernel
+    rng = np.random.default_rng(3)
+    t = rng.integers(0, 700, 203)
+    t[::7] = -100
+    w = rng.uniform(0.5, 2.0, 700)
+
+    def run(call):
+        loss, kept = np.full(203, np.nan), np.full(203, np.nan)
+        grad = np.full(x.shape if with_grad else (0, 0), np.nan, np.float32)
+        assert call(loss, kept, grad)
+        return loss, kept, grad
+
+    whole = run(lambda lo, k, g: ck.cross_entropy_rows(x, lo, 0, 203, t, w, -100, 0.1, k, g, 0.5))
+    monkeypatch.setattr(ck, "_threads", lambda: 3)
+    split = run(
+        lambda lo, k, g: ck.run_rows(ck.cross_entropy_rows, x, lo, t, w, -100, 0.1, k, g, 0.5)
+    )
+    for a, b in zip(whole, split, strict=True):
+        np.testing.assert_array_equal(a, b)
+    loss, kept, grad = whole
+    assert np.all(loss[::7] == 0) and np.all(kept[::7] == 0)
+    assert np.all(kept[1::7] == w[t[1::7]])
+    if with_grad:
+        assert np.all(grad[::7] == 0)
+        # a row's gradient sums to scale (a - eps sum(w) / C - (1 - eps) w_t) = 0
+        np.testing.assert_allclose(grad.astype(np.float64).sum(axis=1), 0.0, atol=1e-6)
