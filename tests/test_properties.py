@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
@@ -66,10 +66,15 @@ def test_shift_invariance(backend, x, c):
 
 @SETTINGS
 @given(x=FINITE_LOGITS)
+@example(x=np.array([[2.2e-308] + [-676.0] * 4, [-676.0] * 5]))  # a subnormal maximum
 def test_log_softmax_is_x_minus_logsumexp(backend, x):
     xb = backend.asarray(x)
     lp = _np(backend, sm.log_softmax(xb))
     lse = _np(backend, sm.logsumexp(xb, keepdims=True))
+    if backend.flushes_float32_subnormals:
+        # XLA on the CPU reads subnormal inputs as 0, in float64 too (SPEC §3.5 note):
+        # hypothesis found [2.2e-308 (subnormal), -676, ...], where lse lost the 2.2e-308
+        x = np.where(np.abs(x) < np.finfo(x.dtype).tiny, 0.0, x)
     scale = np.maximum(np.abs(x), np.abs(lse))
     assert np.all(np.abs(lp - (x - lse)) <= 4 * np.spacing(scale))
 
