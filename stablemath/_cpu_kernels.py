@@ -314,6 +314,18 @@ def _threads() -> int:
     return _THREADS
 
 
+def _forget_pool() -> None:
+    """In a child made by ``fork`` the pool's threads do not exist: a job handed to
+    the inherited pool would never run (and ``result()`` would wait for ever), so the
+    child starts a pool of its own."""
+    global _POOL
+    _POOL = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
+
+
 def run_rows(kernel: Any, x: np.ndarray, out: np.ndarray, *params: Any) -> bool:
     """Run ``kernel(x, out, r0, r1, *params)`` on all rows of ``x``, over the CPU's
     threads when the array is large enough to pay for it; False if some row is not for

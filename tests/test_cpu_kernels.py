@@ -6,6 +6,8 @@ through the NumPy and torch-CPU fast paths.)"""
 from __future__ import annotations
 
 import math
+import os
+import time
 
 import numpy as np
 import pytest
@@ -141,3 +143,31 @@ def test_cross_entropy_rows_split_over_threads(with_grad, monkeypatch):
         assert np.all(grad[::7] == 0)
         # a row's gradient sums to scale (a - eps sum(w) / C - (1 - eps) w_t) = 0
         np.testing.assert_allclose(grad.astype(np.float64).sum(axis=1), 0.0, atol=1e-6)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork: POSIX")
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+def test_a_forked_child_gets_a_pool_of_its_own():
+    """After fork the parent's pool threads do not exist in the child; a split run
+    there must not wait for them (it hung before the pool was reset at fork)."""
+    x = _rows((203, 700))
+    out = np.empty(x.shape, np.float32)
+    assert ck.run_rows(ck.softmax_rows, x, out, 1.0)  # the parent's pool exists
+    pid = os.fork()
+    if pid == 0:  # the child: exit 0 only if the split run finishes
+        try:
+            ck._THREADS = max(ck._THREADS, 2)
+            child = np.empty_like(out)
+            ok = ck.run_rows(ck.softmax_rows, x, child, 1.0) and np.array_equal(child, out)
+        finally:
+            os._exit(0 if ok else 1)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return
+        time.sleep(0.05)
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    pytest.fail("the split run in the forked child did not finish in 60 s")
