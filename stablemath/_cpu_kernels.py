@@ -19,6 +19,11 @@ float64 ``exp`` that NumPy does not vectorise on AVX2) took 2.0 to 2.3 times the
 ``scipy.special.softmax``; these loops read each float32 element once or twice from
 cache, evaluate ``exp`` in SIMD registers and write the result once. Figures are in the
 docstring of :mod:`stablemath._fastpaths`.
+
+The kernels are compiled at their first use and cached on disk (Numba's ``cache=True``:
+``__pycache__`` beside this file, or ``NUMBA_CACHE_DIR``). On the 2-core VM the first
+softmax of a fresh install took 0.9 s (log_softmax 0.4, logsumexp 0.1, cross-entropy
+0.5 more); a new process then pays 0.35 s once, to import Numba and load the cache.
 """
 
 from __future__ import annotations
