@@ -239,13 +239,12 @@ def cross_entropy_rows(
     weight: Any,
     ignore_index: int,
     smoothing: float,
-    kept: Any,
     grad: Any,
     scale: float,
 ) -> bool:
-    """Per-sample cross-entropy of the rows ``r0 <= i < r1`` with integer targets, in
-    float64: ``out[i]`` the loss, ``kept[i]`` the weight it counts with in a mean
-    (``weight[t]``, 1 without ``weight`` (an empty array), 0 for ``ignore_index``).
+    """Per-sample cross-entropy ``out[i]`` of the rows ``r0 <= i < r1`` with integer
+    targets, in float64: times ``weight[t]`` (none for an empty ``weight``), 0 for
+    ``ignore_index``.
 
     The loss is ``(m - x[t]) + (log(k) + log1p(s / k))``, a sum of two non-negative
     terms, so a confident prediction keeps its relative precision (SPEC §3.5); with
@@ -268,7 +267,6 @@ def cross_entropy_rows(
         t = target[i]
         if t == ignore_index:
             out[i] = 0.0
-            kept[i] = 0.0
             if with_grad:
                 grad[i, :] = 0.0
             continue
@@ -279,7 +277,6 @@ def cross_entropy_rows(
             return False
         w = weight[t] if weighted else 1.0
         out[i] = loss
-        kept[i] = w
         if with_grad:
             g = grad[i]
             a = scale * ((1.0 - smoothing) * w + smoothing * wsum / n)

@@ -179,67 +179,33 @@ def _np_cross_entropy(
     ignore_index: int,
     reduction: str,
     smoothing: float,
-) -> np.ndarray | None:
-    """Hard-target cross-entropy: the per-sample losses and weights from the kernel,
-    reduced here in float64 and rounded once. None where the generic kernel decides (a
-    row the kernel refuses, or a mean over no kept sample: SPEC §4's 0 with a zero
-    gradient)."""
+    grad_into: Any = None,
+) -> Any:
+    """Hard-target cross-entropy from the kernel's per-sample losses, reduced here in
+    float64 and rounded once. With ``grad_into`` (``shape -> float32 array``) also its
+    gradient w.r.t. ``x`` for an upstream gradient of 1, computed in the same pass over
+    the logits into ``grad_into(shape)``: then ``(loss, grad)``. None where the generic
+    kernel decides (a row the kernel refuses, or a mean over no kept sample: SPEC §4's
+    0 with a zero gradient)."""
     rows, shape = _as_rows(x, axis)
     t = np.ascontiguousarray(target, dtype=np.int64).reshape(-1)
     w = np.empty(0) if weight is None else np.ascontiguousarray(weight, dtype=np.float64)
-    loss = np.empty(rows.shape[0])
-    kept = np.empty(rows.shape[0])
-    kernel = _compiled().cross_entropy_rows
-    no_grad = np.empty((0, 0), dtype=np.float32)
-    args = (t, w, ignore_index, smoothing, kept, no_grad, 1.0)
-    if not _compiled().run_rows(kernel, rows, loss, *args):
-        return None
-    if reduction == "none":
-        res = loss.reshape(shape[:-1])
-    elif reduction == "sum":
-        res = np.sum(loss)
-    else:
-        denominator = np.sum(kept)
-        if denominator == 0:
-            return None
-        res = np.sum(loss) / denominator
-    return finish(np.asarray(res), x.dtype, np)
-
-
-def _np_cross_entropy_and_grad(
-    x: np.ndarray,
-    target: np.ndarray,
-    axis: int,
-    weight: np.ndarray | None,
-    ignore_index: int,
-    reduction: str,
-    smoothing: float,
-    empty: Any = None,
-) -> tuple[np.ndarray, np.ndarray] | None:
-    """The loss of :func:`_np_cross_entropy` and its gradient w.r.t. ``x`` (for an
-    upstream gradient of 1), computed together in one pass over the logits, the
-    gradient into the float32 array ``empty(shape)`` (default ``np.empty``)."""
-    rows, shape = _as_rows(x, axis)
-    t = np.ascontiguousarray(target, dtype=np.int64).reshape(-1)
-    w = np.empty(0) if weight is None else np.ascontiguousarray(weight, dtype=np.float64)
-    scale = 1.0
+    denominator = 1.0
     if reduction == "mean":
         keep = t != ignore_index
-        denominator = np.count_nonzero(keep) if weight is None else np.sum(w[t[keep]])
+        denominator = float(np.count_nonzero(keep) if weight is None else np.sum(w[t[keep]]))
         if denominator == 0:
             return None
-        scale = 1.0 / float(denominator)
+    grad = np.empty((0, 0), np.float32) if grad_into is None else grad_into(shape)
     loss = np.empty(rows.shape[0])
-    kept = np.empty(rows.shape[0])
-    grad = np.empty(shape, dtype=np.float32) if empty is None else empty(shape)
-    kernel = _compiled().cross_entropy_rows
-    args = (t, w, ignore_index, smoothing, kept, grad.reshape(rows.shape), scale)
-    if not _compiled().run_rows(kernel, rows, loss, *args):
+    args = (t, w, ignore_index, smoothing, grad.reshape(-1, shape[-1]), 1.0 / denominator)
+    if not _compiled().run_rows(_compiled().cross_entropy_rows, rows, loss, *args):
         return None
-    res = loss.reshape(shape[:-1]) if reduction == "none" else np.sum(loss) * scale
-    if axis != x.ndim - 1:
-        grad = np.moveaxis(grad, -1, axis)
-    return finish(np.asarray(res), x.dtype, np), grad
+    res = loss.reshape(shape[:-1]) if reduction == "none" else np.sum(loss) / denominator
+    res = finish(np.asarray(res), x.dtype, np)
+    if grad_into is None:
+        return res
+    return res, grad if axis == x.ndim - 1 else np.moveaxis(grad, -1, axis)
 
 
 _PRECOMPUTED: Any = None
@@ -248,10 +214,10 @@ _PRECOMPUTED: Any = None
 def _precomputed_grad() -> Any:
     """A ``torch.autograd.Function`` whose forward returns a loss computed outside
     torch and whose backward scales the gradient computed with it, ``(loss, grad,
-    axis, again)``: the upstream gradient multiplies ``grad`` (unsqueezed at ``axis``
-    for per-sample losses). Under ``create_graph`` the backward is instead
-    ``torch.autograd.grad`` of ``again(x)`` (the same loss in torch's ops), so second
-    derivatives are right too."""
+    axis, again)``: the upstream gradient multiplies ``grad`` in place (unsqueezed at
+    ``axis`` for per-sample losses). Under ``create_graph``, and for a second backward
+    through a retained graph, the backward is instead ``torch.autograd.grad`` of
+    ``again(x)`` (the same loss in torch's ops), so second derivatives are right too."""
     global _PRECOMPUTED
     if _PRECOMPUTED is not None:
         return _PRECOMPUTED
@@ -424,7 +390,7 @@ def _torch_cross_entropy(
             # the gradient in torch's memory: a NumPy buffer of 16 MB handed to torch
             # and freed there was paged in afresh at every call (4900 page faults a
             # call, fwd+bwd 4096x1000 in 22 ms instead of 12 ms)
-            both = _np_cross_entropy_and_grad(view, *args, empty=lambda s: torch.empty(s).numpy())
+            both = _np_cross_entropy(view, *args, grad_into=lambda s: torch.empty(s).numpy())
             if both is None:
                 return None
 
