@@ -2,8 +2,9 @@
 
 Each kernel takes a C-contiguous ``(rows, n)`` float32 array whose rows are the slices
 along the reduced axis, and handles the rows ``[r0, r1)``, so that
-:func:`run_rows` can split the rows over threads (the kernels release the GIL). The
-caller has checked that every row maximum ``m`` is finite; the kernels rely on it.
+:func:`run_rows` can split the rows over threads (the kernels release the GIL). A row
+with a NaN or a maximum ``m`` that is not finite stops the kernel, which returns False:
+such rows are for the generic kernel.
 
 The arithmetic is the fast path's: ``d = (x - m) * inv_t`` in float64, exact for
 ``inv_t = 1`` because ``x`` and ``m`` are float32 numbers; ``exp(d)`` from a float64
@@ -113,13 +114,40 @@ def _shift(v: Any, m: float, inv_t: float) -> float:
     return (np.float64(v) - m) * inv_t
 
 
+@intrinsic
+def _maxnum(typingctx: Any, a: Any, b: Any) -> Any:
+    """LLVM's ``maxnum``: the larger of two floats, the other one if one is NaN (NaN if
+    both are). LLVM vectorises a reduction over it, which it does not for the select
+    ``v if v > m else m`` (NaN-ordered): the row maximum then took 0.52 ns an element
+    instead of 0.11 (4096x1000 float32, one thread)."""
+    sig = a(a, b)
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        t = context.get_value_type(signature.args[0])
+        fn = builder.module.declare_intrinsic("llvm.maxnum", [t], ir.FunctionType(t, [t, t]))
+        return builder.call(fn, args)
+
+    return sig, codegen
+
+
 @numba.njit(fastmath=_SUM, cache=True, error_model="numpy")
 def _row_max(row: Any) -> float:
+    """The largest entry of the row other than NaN (NaN for a row of NaN only). A NaN
+    elsewhere in the row is caught by the callers' sums of ``exp(x - m)``, which it
+    makes NaN."""
     m = row[0]
     for j in range(1, row.shape[0]):
-        v = row[j]
-        m = v if v > m else m
+        m = _maxnum(m, row[j])
     return np.float64(m)
+
+
+@numba.njit(fastmath=_EXACT, cache=True, error_model="numpy")
+def _scale_into(out: Any, e: Any, f: float) -> None:
+    """``out[j] = e[j] * f``, one rounding to ``out``'s dtype. Not in a function with
+    ``reassoc``: LLVM rewrites ``e * (1 / s)`` there as ``e / s``, and a SIMD division
+    took 0.35 ns an element, a third of the softmax."""
+    for j in range(out.shape[0]):
+        out[j] = e[j] * f
 
 
 @numba.njit(fastmath=_SUM, cache=True, error_model="numpy")
@@ -167,10 +195,7 @@ def softmax_rows(x: Any, out: Any, r0: int, r1: int, inv_t: float) -> bool:
             s += v
         if s != s:
             return False
-        inv = 1.0 / s
-        o = out[i]
-        for j in range(n):
-            o[j] = e[j] * inv
+        _scale_into(out[i], e, 1.0 / s)
     return True
 
 

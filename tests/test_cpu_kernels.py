@@ -86,18 +86,59 @@ def test_rows_split_over_threads_give_the_same_bits(func, monkeypatch):
 @pytest.mark.parametrize("func", list(KERNELS))
 @pytest.mark.parametrize("bad", [math.inf, -math.inf, math.nan])
 @pytest.mark.parametrize("where", [0, 101, 202])
-def test_a_row_for_the_generic_kernel_is_reported_from_any_part(func, bad, where, monkeypatch):
+@pytest.mark.parametrize("col", [0, 7, 699])
+def test_a_row_for_the_generic_kernel_is_reported_from_any_part(
+    func, bad, where, col, monkeypatch
+):
     """A row with a NaN, or whose maximum is +-inf, makes the run return False, in
-    whichever thread's part it lies; a NaN anywhere in the row, not only first."""
+    whichever thread's part it lies; a NaN anywhere in the row (first, inside, or in
+    the tail after the SIMD loop), although the row maximum passes over NaN."""
     kernel, reduce = KERNELS[func]
     monkeypatch.setattr(ck, "_threads", lambda: 3)
     x = _rows((203, 700))
     if bad == -math.inf:
         x[where, :] = bad
     else:
-        x[where, 7] = bad
+        x[where, col] = bad
     out = np.empty(x.shape[0] if reduce else x.shape, np.float32)
     assert not ck.run_rows(kernel, x, out, 1.0)
+
+
+@pytest.mark.parametrize(
+    "row",
+    [
+        [math.nan],
+        [math.nan, math.nan],
+        [math.nan, -math.inf],
+        [-math.inf, math.nan, 1.0],
+        [math.inf, math.nan],
+    ],
+)
+def test_rows_of_nan_and_infinities_are_reported(row):
+    x = np.array([row], np.float32)
+    for kernel, reduce in KERNELS.values():
+        out = np.empty(1 if reduce else x.shape, np.float32)
+        assert not kernel(x, out, 0, 1, 1.0)
+
+
+@pytest.mark.parametrize("n", [1, 2, 15, 16, 17, 63, 64, 65, 1000])
+def test_the_maximum_is_found_wherever_it_lies(n):
+    """The row maximum at every position of rows whose lengths straddle the SIMD
+    widths: logsumexp and softmax against float64 NumPy."""
+    rng = np.random.default_rng(n)
+    x = rng.standard_normal((n, n)).astype(np.float32)
+    # row i has its maximum at i, so far above the rest that a shift by any other
+    # entry would overflow exp (the result does not depend on the shift otherwise)
+    x[np.arange(n), np.arange(n)] = 1000.0 + np.arange(n, dtype=np.float32)
+    lse = np.empty(n, np.float32)
+    p = np.empty_like(x)
+    assert ck.logsumexp_rows(x, lse, 0, n, 1.0)
+    assert ck.softmax_rows(x, p, 0, n, 1.0)
+    x64 = x.astype(np.float64)
+    m = x64.max(axis=1, keepdims=True)
+    ref = m[:, 0] + np.log(np.sum(np.exp(x64 - m), axis=1))
+    np.testing.assert_allclose(lse, ref, rtol=1e-7)
+    np.testing.assert_allclose(p, np.exp(x64 - ref[:, None]), rtol=3e-7, atol=1e-30)
 
 
 def test_temperature_and_float64_output():
