@@ -124,6 +124,20 @@ def _compiled() -> Any:
     return _COMPILED
 
 
+_TEAM: Any = None
+
+
+def _on_torch_threads() -> Any:
+    """:func:`stablemath._cpu_team.run_rows`, which runs the kernels for torch tensors
+    on torch's own OpenMP threads (imported at first use)."""
+    global _TEAM
+    if _TEAM is None:
+        from . import _cpu_team
+
+        _TEAM = _cpu_team.run_rows
+    return _TEAM
+
+
 def _as_rows(x: np.ndarray, axis: int) -> tuple[np.ndarray, tuple[int, ...]]:
     """The slices of ``x`` along ``axis`` as the rows of a C-contiguous float32 array
     (a view when ``axis`` is the last one of a contiguous float32 array, else one
@@ -138,31 +152,35 @@ def _as_rows(x: np.ndarray, axis: int) -> tuple[np.ndarray, tuple[int, ...]]:
     return x.reshape(-1, shape[-1]), shape
 
 
-def _np_normalise(kernel: Any, x: np.ndarray, axis: int, t: float) -> np.ndarray | None:
-    """softmax or log_softmax; float16 results are rounded once, from float64."""
+def _np_normalise(
+    kernel: Any, x: np.ndarray, axis: int, t: float, run: Any = None
+) -> np.ndarray | None:
+    """softmax or log_softmax; float16 results are rounded once, from float64. ``run``
+    runs the kernel over the rows (default :func:`stablemath._cpu_kernels.run_rows`)."""
     wide = x.dtype != np.float32
     rows, shape = _as_rows(x, axis)
     out = np.empty(shape, dtype=np.float64 if wide else np.float32)
-    if not _compiled().run_rows(kernel, rows, out.reshape(rows.shape), 1.0 / t):
+    if not (run or _compiled().run_rows)(kernel, rows, out.reshape(rows.shape), 1.0 / t):
         return None
     if axis != x.ndim - 1:
         out = np.moveaxis(out, -1, axis)
     return finish(out, x.dtype, np) if wide else out
 
 
-def _np_softmax(x: np.ndarray, axis: int, t: float) -> np.ndarray | None:
-    return _np_normalise(_compiled().softmax_rows, x, axis, t)
+def _np_softmax(x: np.ndarray, axis: int, t: float, run: Any = None) -> np.ndarray | None:
+    return _np_normalise(_compiled().softmax_rows, x, axis, t, run)
 
 
-def _np_log_softmax(x: np.ndarray, axis: int, t: float) -> np.ndarray | None:
-    return _np_normalise(_compiled().log_softmax_rows, x, axis, t)
+def _np_log_softmax(x: np.ndarray, axis: int, t: float, run: Any = None) -> np.ndarray | None:
+    return _np_normalise(_compiled().log_softmax_rows, x, axis, t, run)
 
 
-def _np_logsumexp(x: np.ndarray, axis: int, keepdims: bool) -> np.ndarray | None:
+def _np_logsumexp(x: np.ndarray, axis: int, keepdims: bool, run: Any = None) -> np.ndarray | None:
     wide = x.dtype != np.float32
     rows, shape = _as_rows(x, axis)
     out = np.empty(shape[:-1], dtype=np.float64 if wide else np.float32)
-    if not _compiled().run_rows(_compiled().logsumexp_rows, rows, out.reshape(-1), 1.0):
+    run = run or _compiled().run_rows
+    if not run(_compiled().logsumexp_rows, rows, out.reshape(-1), 1.0):
         return None
     if keepdims:
         out = np.expand_dims(out, axis)
@@ -180,6 +198,7 @@ def _np_cross_entropy(
     reduction: str,
     smoothing: float,
     grad_into: Any = None,
+    run: Any = None,
 ) -> Any:
     """Hard-target cross-entropy from the kernel's per-sample losses, reduced here in
     float64 and rounded once. With ``grad_into`` (``shape -> float32 array``) also its
@@ -199,7 +218,7 @@ def _np_cross_entropy(
     grad = np.empty((0, 0), np.float32) if grad_into is None else grad_into(shape)
     loss = np.empty(rows.shape[0])
     args = (t, w, ignore_index, smoothing, grad.reshape(-1, shape[-1]), 1.0 / denominator)
-    if not _compiled().run_rows(_compiled().cross_entropy_rows, rows, loss, *args):
+    if not (run or _compiled().run_rows)(_compiled().cross_entropy_rows, rows, loss, *args):
         return None
     res = loss.reshape(shape[:-1]) if reduction == "none" else np.sum(loss) / denominator
     res = finish(np.asarray(res), x.dtype, np)
@@ -268,7 +287,7 @@ def _on_kernels(numpy_impl: Any, x: Any, *args: Any) -> Any:
         view = numpy_view(x) if x.dtype == torch.float32 else None
     if view is None:
         return False
-    res = numpy_impl(view, *args)
+    res = numpy_impl(view, *args, run=_on_torch_threads())
     if res is None:
         return None
     return torch.from_numpy(res).to(x.dtype) if half else torch.from_numpy(res)
@@ -383,14 +402,15 @@ def _torch_cross_entropy(
         args = (target.numpy(), axis, w, ignore_index, reduction, smoothing)
         view = numpy_view(x)
         if view is not None:
-            res = _np_cross_entropy(view, *args)
+            res = _np_cross_entropy(view, *args, run=_on_torch_threads())
             return None if res is None else torch.from_numpy(res)
         view = numpy_view(x, attaches_grad=True)
         if view is not None:
             # the gradient in torch's memory: a NumPy buffer of 16 MB handed to torch
             # and freed there was paged in afresh at every call (4900 page faults a
             # call, fwd+bwd 4096x1000 in 22 ms instead of 12 ms)
-            both = _np_cross_entropy(view, *args, grad_into=lambda s: torch.empty(s).numpy())
+            empty = lambda s: torch.empty(s).numpy()  # noqa: E731
+            both = _np_cross_entropy(view, *args, grad_into=empty, run=_on_torch_threads())
             if both is None:
                 return None
 
