@@ -174,6 +174,17 @@ def _row_stats(row: Any, inv_t: float) -> tuple[float, float]:
     return m, _row_total(row, m, inv_t)
 
 
+@numba.njit(fastmath=_SUM, cache=True, error_model="numpy")
+def _exps_into(e: Any, row: Any, m: float, inv_t: float) -> float:
+    """``e[j] = exp((row[j] - m) * inv_t)``, and their sum."""
+    s = 0.0
+    for j in range(row.shape[0]):
+        v = _exp_nonpos(_shift(row[j], m, inv_t))
+        e[j] = v
+        s += v
+    return s
+
+
 @numba.njit(nogil=True, fastmath=_SUM, cache=True, error_model="numpy")
 def softmax_rows(x: Any, out: Any, r0: int, r1: int, inv_t: float) -> bool:
     """``out[i] = softmax(x[i] * inv_t)`` for ``r0 <= i < r1``; ``out`` float32 or
@@ -188,11 +199,8 @@ def softmax_rows(x: Any, out: Any, r0: int, r1: int, inv_t: float) -> bool:
         m = _row_max(row)
         if not math.isfinite(m):
             return False
-        s = 0.0
-        for j in range(n):
-            v = _exp_nonpos(_shift(row[j], m, inv_t))
-            e[j] = v
-            s += v
+        # with the literal 1.0 the compiler drops the multiplication
+        s = _exps_into(e, row, m, 1.0) if inv_t == 1.0 else _exps_into(e, row, m, inv_t)
         if s != s:
             return False
         _scale_into(out[i], e, 1.0 / s)
@@ -203,6 +211,13 @@ def softmax_rows(x: Any, out: Any, r0: int, r1: int, inv_t: float) -> bool:
 def log_softmax_rows(x: Any, out: Any, r0: int, r1: int, inv_t: float) -> bool:
     """``out[i] = log_softmax(x[i] * inv_t)``: ``d - (log(k) + log1p(s / k))``, one
     rounding. False as for :func:`softmax_rows`."""
+    if inv_t == 1.0:  # with the literal 1.0 the compiler drops the multiplications
+        return _log_softmax_rows(x, out, r0, r1, 1.0)
+    return _log_softmax_rows(x, out, r0, r1, inv_t)
+
+
+@numba.njit(fastmath=_SUM, cache=True, error_model="numpy")
+def _log_softmax_rows(x: Any, out: Any, r0: int, r1: int, inv_t: float) -> bool:
     n = x.shape[1]
     for i in range(r0, r1):
         row = x[i]
