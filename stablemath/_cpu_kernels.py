@@ -25,6 +25,9 @@ The kernels are compiled at their first use and cached on disk (Numba's ``cache=
 ``__pycache__`` beside this file, or ``NUMBA_CACHE_DIR``). On the 2-core VM the first
 softmax of a fresh install took 0.9 s (log_softmax 0.4, logsumexp 0.1, cross-entropy
 0.5 more); a new process then pays 0.35 s once, to import Numba and load the cache.
+For torch tensors, the function that runs a kernel on torch's threads
+(:mod:`stablemath._cpu_team`) is compiled at the first use of that kernel as well: the
+first softmax of a torch tensor in a fresh install took 2.7 s, in a new process 0.6 s.
 """
 
 from __future__ import annotations

@@ -119,18 +119,15 @@ _softmax = _normalise_body(ck.softmax_rows)
 _log_softmax = _normalise_body(ck.log_softmax_rows)
 
 
-@numba.cfunc(types.void(types.voidptr), nogil=True, cache=True)
 def _softmax_team(data: Any) -> None:
     _softmax(numba.carray(data, (_SLOTS,), np.int64), numba.carray(data, (_SLOTS,), np.float64))
 
 
-@numba.cfunc(types.void(types.voidptr), nogil=True, cache=True)
 def _log_softmax_team(data: Any) -> None:
     a = numba.carray(data, (_SLOTS,), np.int64)
     _log_softmax(a, numba.carray(data, (_SLOTS,), np.float64))
 
 
-@numba.cfunc(types.void(types.voidptr), nogil=True, cache=True)
 def _logsumexp_team(data: Any) -> None:
     # word 6: out is float64
     a = numba.carray(data, (_SLOTS,), np.int64)
@@ -151,7 +148,6 @@ def _logsumexp_team(data: Any) -> None:
             _fail(a)
 
 
-@numba.cfunc(types.void(types.voidptr), nogil=True, cache=True)
 def _cross_entropy_team(data: Any) -> None:
     # words 6-12: target, weight and its length, ignore_index, grad and its two
     # dimensions; 13 and 14: smoothing and scale (float64); out is float64
@@ -178,6 +174,18 @@ _BODIES = {
     ck.logsumexp_rows: _logsumexp_team,
     ck.cross_entropy_rows: _cross_entropy_team,
 }
+_CFUNCS: dict[Any, Any] = {}
+
+
+def _cfunc(kernel: Any) -> Any:
+    """The address of the team's function for ``kernel``, compiled at its first use (a
+    fresh install took 6 s to compile all four at once; loading one from Numba's disk
+    cache takes about 0.1 s)."""
+    address = _CFUNCS.get(kernel)
+    if address is None:
+        compiled = numba.cfunc(types.void(types.voidptr), nogil=True, cache=True)(_BODIES[kernel])
+        address = _CFUNCS[kernel] = compiled.address
+    return address
 
 
 def _block(kernel: Any, x: np.ndarray, out: np.ndarray, params: tuple[Any, ...]) -> Any:
@@ -275,5 +283,5 @@ def run_rows(kernel: Any, x: np.ndarray, out: np.ndarray, *params: Any) -> bool:
     if threads <= 1:
         return bool(kernel(x, out, 0, x.shape[0], *params))
     a, counter = _block(kernel, x, out, params)
-    gomp(_BODIES[kernel].address, a.ctypes.data, threads, 0)
+    gomp(_cfunc(kernel), a.ctypes.data, threads, 0)
     return not counter[1]
