@@ -17,16 +17,18 @@ the common case in which those precautions are provably idle, and nothing else:
 Two implementations, one arithmetic:
 
 * **compiled row kernels** (:mod:`stablemath._cpu_kernels`, Numba) for NumPy float32
-  and float16 arrays and for float32 torch tensors that no autodiff sees
+  and float16 arrays and for torch tensors that no autodiff sees
   (:func:`~stablemath._lib._compat.numpy_view`: no ``requires_grad`` under grad mode,
-  no ``torch.func`` wrapper, no forward-mode tangent); the tensor's memory is read in
-  place and the result wrapped with ``torch.from_numpy``;
-  cross-entropy takes float32 tensors under autograd too: the kernel computes the loss
-  and its gradient in one pass over the logits, and a ``torch.autograd.Function``
-  (:func:`_precomputed_grad`) scales that gradient in its backward;
-* **torch's fused functions in float64** for the other torch CPU tensors (autograd
-  then differentiates them: the gradients are the analytic ones) and for bfloat16 and
-  float16 tensors.
+  no ``torch.func`` wrapper, no forward-mode tangent): a float32 tensor's memory is
+  read in place, a bfloat16 or float16 tensor is widened to float32 first, and the
+  result is wrapped with ``torch.from_numpy``. For torch tensors the kernels run on
+  torch's own OpenMP threads (:mod:`stablemath._cpu_team`). Cross-entropy takes
+  tensors under autograd too: the kernel computes the loss and its gradient in one
+  pass over the logits, and a ``torch.autograd.Function`` (:func:`_precomputed_grad`)
+  scales that gradient in its backward;
+* **torch's fused functions in float64** for the other torch CPU tensors (softmax,
+  log_softmax and logsumexp under autograd, which then differentiates them: the
+  gradients are the analytic ones).
 
 Why no precaution is lost: the arithmetic runs in float64 on values that are exact
 float32 (or narrower) numbers, so ``x - m`` is exact and every float64 rounding is
@@ -264,6 +266,7 @@ def _precomputed_grad() -> Any:
             if upstream.ndim:
                 upstream = upstream.unsqueeze(ctx.axis)
             # in place, and no reference kept: autograd can take the buffer as x.grad
+            # (autograd rounds a float32 gradient to the dtype of half-precision logits)
             return grad.mul_(upstream), None
 
     _PRECOMPUTED = PrecomputedGrad
@@ -398,13 +401,17 @@ def _torch_cross_entropy(
 ) -> Any:
     torch = sys.modules["torch"]
     w = None if weight is None else numpy_view(weight)
-    if x.dtype == torch.float32 and (weight is None or w is not None):
+    # bfloat16 and float16 logits are widened to float32 (exact) for the kernel; the
+    # loss and the gradient are rounded to their dtype at the end (SPEC §3.4)
+    half = x.dtype in (torch.bfloat16, torch.float16)
+    if (x.dtype == torch.float32 or half) and (weight is None or w is not None):
         args = (target.numpy(), axis, w, ignore_index, reduction, smoothing)
-        view = numpy_view(x)
+        wide = x.float() if half else x
+        view = None if x.requires_grad and torch.is_grad_enabled() else numpy_view(wide)
         if view is not None:
             res = _np_cross_entropy(view, *args, run=_on_torch_threads())
-            return None if res is None else torch.from_numpy(res)
-        view = numpy_view(x, attaches_grad=True)
+            return None if res is None else torch.from_numpy(res).to(x.dtype)
+        view = numpy_view(wide, attaches_grad=True)
         if view is not None:
             # the gradient in torch's memory: a NumPy buffer of 16 MB handed to torch
             # and freed there was paged in afresh at every call (4900 page faults a
@@ -420,7 +427,7 @@ def _torch_cross_entropy(
                 )
 
             loss, grad = (torch.from_numpy(a) for a in both)
-            return _precomputed_grad().apply(x, (loss, grad, axis, again))
+            return _precomputed_grad().apply(x, (loss.to(x.dtype), grad, axis, again))
     loss = _torch_ce_float64(x, target, axis, weight, ignore_index, reduction, smoothing)
     # torch's float64 loss is right to far below a float32 ulp where it is finite and
     # not tiny. Otherwise (an infinite or masked target logit, a +inf logit, all samples

@@ -186,8 +186,7 @@ def test_cross_entropy_generic_cases(fb, row, target, kw, generic_ce_calls, monk
 
 def test_confident_cross_entropy(fb, generic_ce_calls, monkeypatch):
     """A loss below 2**-20 (SPEC §3.5): the compiled kernel forms it to full relative
-    precision itself, with autograd too; torch's float64 loss is not that precise, so
-    for bfloat16 the generic kernel decides."""
+    precision itself, with autograd too, and for bfloat16 (below its range: 0)."""
     monkeypatch.delenv(_fastpaths.DISABLE_ENV, raising=False)
     x = fb.asarray(np.array([[100.0, 1.0, 0.0]]), dtype="float32")
     t = fb.asarray(np.array([0]))
@@ -198,8 +197,11 @@ def test_confident_cross_entropy(fb, generic_ce_calls, monkeypatch):
         loss = sm.cross_entropy(x.requires_grad_(True), t)
         assert float(loss.detach()) == float(np.float32(exact))
         assert generic_ce_calls == []
-        sm.cross_entropy(x.detach().to(fb.module.bfloat16).requires_grad_(True), t)
-        assert generic_ce_calls == ["cross_entropy"]
+        bf16 = fb.module.bfloat16
+        loss = sm.cross_entropy(x.detach().to(bf16).requires_grad_(True), t)
+        assert loss.dtype == bf16
+        assert float(loss.detach()) == float(fb.module.tensor(exact).to(bf16)) == 0.0
+        assert generic_ce_calls == []
 
 
 CE_OPTIONS = [
@@ -238,6 +240,41 @@ def test_cross_entropy_kernel_gradient(tb, kw, axis, generic_ce_calls, monkeypat
     np.testing.assert_allclose(loss.detach().numpy(), want.detach().numpy(), rtol=2e-7, atol=1e-30)
     np.testing.assert_allclose(got.numpy(), want_grad.numpy(), rtol=1e-6, atol=1e-8)
     np.testing.assert_allclose(again.numpy(), want_grad.numpy(), rtol=1e-6, atol=1e-8)
+    assert generic_ce_calls == []
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("grad", [False, True])
+def test_half_precision_cross_entropy_on_the_kernel(
+    tb, dtype, grad, generic_ce_calls, monkeypatch
+):
+    """bfloat16 and float16 logits, widened to float32 for the kernel: the loss (and
+    the gradient, in the logits' dtype) are torch's float64 ones rounded to that dtype,
+    to within one rounding of it."""
+    torch = tb.module
+    monkeypatch.delenv(_fastpaths.DISABLE_ENV, raising=False)
+    gen = torch.Generator().manual_seed(1)
+    half = getattr(torch, dtype)
+    x = (torch.randn(40, 7, generator=gen) * 3).to(half).requires_grad_(grad)
+    t = torch.randint(0, 7, (40,), generator=gen)
+    w = torch.rand(7, generator=gen) + 0.5
+    loss = sm.cross_entropy(x, t, weight=w, label_smoothing=0.1, reduction="none")
+    assert loss.dtype == half
+    x64 = x.detach().double().requires_grad_(True)
+    want = torch.nn.functional.cross_entropy(
+        x64, t, weight=w.double(), label_smoothing=0.1, reduction="none"
+    )
+    eps = float(torch.finfo(half).eps)
+    np.testing.assert_allclose(loss.detach().double().numpy(), want.detach().numpy(), rtol=eps)
+    if grad:
+        assert type(loss.grad_fn).__name__ == "PrecomputedGradBackward"
+        up = torch.randn(40, generator=gen)
+        (got,) = torch.autograd.grad(loss, x, up.to(half))
+        assert got.dtype == half
+        (want_grad,) = torch.autograd.grad(want, x64, up.to(half).double())
+        np.testing.assert_allclose(
+            got.double().numpy(), want_grad.numpy(), rtol=eps, atol=eps * 1e-2
+        )
     assert generic_ce_calls == []
 
 
