@@ -42,27 +42,28 @@ The same tests run on both paths: ``STABLEMATH_DISABLE_FASTPATHS=1`` turns this 
 off (the nox sessions ``tests(numpy-generic)`` and ``tests(torch-generic)``).
 
 Why it exists (``nox -s bench``, quick set, 2-core VM, p50 time as a ratio to the
-native function, float32, 2026-12-01; "generic" from a run with
-``STABLEMATH_DISABLE_FASTPATHS=1``, "float64 ufuncs" the NumPy/torch-op form these
-kernels replaced, quick run at b231f2f; "kernels" the run at 682c27a, the README's):
+native function, float32; "generic" from a run with ``STABLEMATH_DISABLE_FASTPATHS=1``,
+"float64 ufuncs" the NumPy/torch-op form these kernels replaced, quick run at b231f2f;
+"kernels" the first compiled kernels, run at 682c27a; "now" the run at dba14f0, the
+README's: vectorised row maximum, no SIMD division, torch tensors on torch's threads):
 
-==================================  =======  =============  =======
-op, shape, provider / native        generic  float64 ufuncs  kernels
-==================================  =======  =============  =======
-softmax 4096x1000, numpy/scipy       3.67     2.32           0.50
-softmax 256x32000, numpy/scipy       5.78     1.94           0.46
-log_softmax 256x32000, numpy         9.73     3.57           0.42
-logsumexp 4096x1000, numpy           1.98     1.05           0.30
-logsumexp 256x32000, numpy            —       0.90           0.14
-cross_entropy fwd 256x32000, numpy  26.56      —             0.29
-softmax 4096x1000, torch            13.0      9.91           3.50
-logsumexp 256x32000, torch          12.0      4.63           1.00
-cross_entropy fwd+bwd 4096x1000     21.4      3.01           2.02
-==================================  =======  =============  =======
+==================================  =======  ==============  =======  =====
+op, shape, provider / native        generic  float64 ufuncs  kernels  now
+==================================  =======  ==============  =======  =====
+softmax 4096x1000, numpy/scipy       3.67     2.32           0.50     0.29
+softmax 256x32000, numpy/scipy       5.78     1.94           0.46     0.42
+log_softmax 256x32000, numpy         9.73     3.57           0.42     0.35
+logsumexp 4096x1000, numpy           1.98     1.05           0.30     0.16
+logsumexp 256x32000, numpy            —       0.90           0.14     0.14
+cross_entropy fwd 256x32000, numpy  26.56      —             0.29     0.24
+softmax 4096x1000, torch            13.0      9.91           3.50     1.43
+logsumexp 256x32000, torch          12.0      4.63           1.00     0.41
+cross_entropy fwd+bwd 4096x1000     21.4      3.01           2.02     0.88
+==================================  =======  ==============  =======  =====
 
 The floor of the compiled kernels is the float64 polynomial (8 lanes of AVX-512 on the
-test machine, about 3 cycles an element); torch's own float32 softmax evaluates ``exp``
-at 16 lanes.
+test machine, about 1.3 cycles an element); torch's own float32 softmax evaluates
+``exp`` at 16 lanes.
 
 float32 arithmetic would be faster still and is not within 2 ulp: on the reference
 vectors ``torch.softmax`` and ``scipy.special.softmax`` in float32 are off by up to 58
