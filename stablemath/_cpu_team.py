@@ -120,7 +120,8 @@ _log_softmax = _normalise_body(ck.log_softmax_rows)
 
 
 def _softmax_team(data: Any) -> None:
-    _softmax(numba.carray(data, (_SLOTS,), np.int64), numba.carray(data, (_SLOTS,), np.float64))
+    a = numba.carray(data, (_SLOTS,), np.int64)
+    _softmax(a, numba.carray(data, (_SLOTS,), np.float64))
 
 
 def _log_softmax_team(data: Any) -> None:
