@@ -408,7 +408,7 @@ def _torch_cross_entropy(
     if (x.dtype == torch.float32 or half) and (weight is None or w is not None):
         args = (target.numpy(), axis, w, ignore_index, reduction, smoothing)
         wide = x.float() if half else x
-        view = None if x.requires_grad and torch.is_grad_enabled() else numpy_view(wide)
+        view = numpy_view(wide)  # None under autograd (x.float() is then recorded too)
         if view is not None:
             res = _np_cross_entropy(view, *args, run=_on_torch_threads())
             return None if res is None else torch.from_numpy(res).to(x.dtype)
