@@ -51,6 +51,8 @@ __all__ = [
 ]
 
 _INF = math.inf
+# see softmax: keeps the corrections of a tiny quotient in the normal range
+_QUOTIENT_SCALE = 2.0**64
 
 
 def _zeros_like_scalar(a: Any, *, xp: Any) -> Any:
@@ -237,9 +239,14 @@ def softmax(x: Any, /, *, axes: tuple[int, ...], live: Any, compensate: bool, xp
     # carried as pairs, and the quotient is corrected by its exact residual
     # (:func:`_divide_pairs`), so each probability has the error of ``exp`` plus one
     # final rounding. Z = 0 only in an all -inf slice (E = 0).
-    e_lo = e * low
-    hi, lo = _accurate_sum(e + e_lo, axes, xp=xp)
-    return _divide_pairs(e, e_lo, xp.where(hi == 0, 1.0, hi), lo, xp=xp)
+    hi, lo = _accurate_sum(e + e * low, axes, xp=xp)
+    # The corrections of the quotient are about 2**-24 of it: for a float32
+    # probability below 1e-31 they are subnormal, and a backend that flushes subnormals
+    # (XLA on CPU) would drop them (58 ulp at 7e-37). The numerator is divided scaled
+    # by 2**64 (exact, E <= 1), and the quotient scaled back exactly.
+    es = e * _QUOTIENT_SCALE
+    q = _divide_pairs(es, es * low, xp.where(hi == 0, 1.0, hi), lo, xp=xp)
+    return q * (1.0 / _QUOTIENT_SCALE)
 
 
 def _split(a: Any, *, xp: Any) -> tuple[Any, Any]:
