@@ -61,7 +61,7 @@ COLUMN_PACKAGES = {
     "jax.nn / optax": ("jax", "jaxlib", "optax"),
 }
 BACKEND_PACKAGES = {"numpy": ("numpy", "machine"), "torch": ("torch", "machine")}
-BACKEND_PACKAGES["jax"] = ("jax", "jaxlib", "machine")
+BACKEND_PACKAGES["jax"] = BACKEND_PACKAGES["jax (x64 off)"] = ("jax", "jaxlib", "machine")
 
 FENCE = re.compile(r"^(?P<indent> *)(?P<fence>`{3,}|~{3,})(?P<info>[^\n`]*)$", re.MULTILINE)
 
