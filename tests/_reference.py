@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import mpmath as mp
 import numpy as np
 
 mp.mp.dps = 50
+INF = math.inf
+NAN = math.nan
 
 
 def _rows(x: np.ndarray) -> np.ndarray:
@@ -99,3 +103,31 @@ def np_cross_entropy(
     if reduction == "sum":
         return np.asarray(loss.sum())
     return np.asarray(loss.sum() / denom if denom else 0.0)
+
+
+# SPEC §3.3, one row per edge: (row, logsumexp, softmax, log_softmax), the edge values
+# worked out by hand (the finite row by mpmath); shared by the tests of every path
+EDGE_ROWS = {
+    "finite": (
+        [1.0, 2.0, 3.0],
+        float(logsumexp(np.array([1.0, 2.0, 3.0]))),
+        softmax(np.array([1.0, 2.0, 3.0])),
+        log_softmax(np.array([1.0, 2.0, 3.0])),
+    ),
+    "some_neg_inf": (
+        [0.0, -INF, 0.0],
+        math.log(2.0),
+        [0.5, 0.0, 0.5],
+        [-math.log(2.0), -INF, -math.log(2.0)],
+    ),
+    "all_neg_inf": ([-INF, -INF, -INF], -INF, [0.0, 0.0, 0.0], [-INF, -INF, -INF]),
+    "k_pos_inf": (
+        [INF, 1.0, INF, -INF],
+        INF,
+        [0.5, 0.0, 0.5, 0.0],
+        [-math.log(2.0), -INF, -math.log(2.0), -INF],
+    ),
+    "one_pos_inf": ([INF, 5.0], INF, [1.0, 0.0], [0.0, -INF]),
+    "nan": ([1.0, NAN, 3.0], NAN, [NAN, NAN, NAN], [NAN, NAN, NAN]),
+    "nan_and_inf": ([INF, NAN], NAN, [NAN, NAN], [NAN, NAN]),
+}
