@@ -49,6 +49,7 @@ __all__ = [
     "logsumexp_rows",
     "run_rows",
     "softmax_rows",
+    "target_total",
 ]
 
 _LOG2E = 1.4426950408889634
@@ -352,6 +353,26 @@ def cross_entropy_rows(
             p = _exp_nonpos(_shift(row[t], m, 1.0) - total)
             g[t] = (a * p - b * w) - scale * (1.0 - smoothing) * w
     return True
+
+
+@numba.njit(cache=True, error_model="numpy")
+def target_total(target: Any, weight: Any, ignore_index: int, n: int) -> float:
+    """The sum of ``weight[t]`` over the targets ``t`` that are not ``ignore_index``
+    (their count for an empty ``weight``): the denominator of a mean. -1 if a target
+    is neither ``ignore_index`` nor a class in ``[0, n)``: :func:`cross_entropy_rows`
+    indexes the logits with it, so it must not run then (the facade's check, on the
+    generic path, raises). One pass in place of NumPy's comparison, count and
+    reduction, 2-4 us on a batch of one."""
+    weighted = weight.shape[0] > 0
+    total = 0.0
+    for i in range(target.shape[0]):
+        t = target[i]
+        if t == ignore_index:
+            continue
+        if t < 0 or t >= n:
+            return -1.0
+        total += weight[t] if weighted else 1.0
+    return total
 
 
 # --- threads ------------------------------------------------------------------------------

@@ -86,6 +86,8 @@ __all__ = ["DISABLE_ENV", "cross_entropy", "enabled", "log_softmax", "logsumexp"
 
 DISABLE_ENV = "STABLEMATH_DISABLE_FASTPATHS"
 _NUMPY_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
+_NO_WEIGHT = np.empty(0)  # the kernels' "no class weights" and "no gradient"
+_NO_GRAD = np.empty((0, 0), np.float32)
 
 
 def enabled() -> bool:
@@ -211,20 +213,24 @@ def _np_cross_entropy(
     0 with a zero gradient)."""
     rows, shape = _as_rows(x, axis)
     t = np.ascontiguousarray(target, dtype=np.int64).reshape(-1)
-    w = np.empty(0) if weight is None else np.ascontiguousarray(weight, dtype=np.float64)
-    denominator = 1.0
-    if reduction == "mean":
-        keep = t != ignore_index
-        denominator = float(np.count_nonzero(keep) if weight is None else np.sum(w[t[keep]]))
-        if denominator == 0:
-            return None
-    grad = np.empty((0, 0), np.float32) if grad_into is None else grad_into(shape)
+    w = _NO_WEIGHT if weight is None else np.ascontiguousarray(weight, dtype=np.float64)
+    # the targets are checked here, not by the facade: a batch of one paid 8 us there
+    total = _compiled().target_total(t, w, ignore_index, shape[-1])
+    if total < 0 or (reduction == "mean" and total == 0):
+        return None  # a target out of range (the generic path raises), or 0 / 0
+    denominator = total if reduction == "mean" else 1.0
+    grad = _NO_GRAD if grad_into is None else grad_into(shape)
     loss = np.empty(rows.shape[0])
     args = (t, w, ignore_index, smoothing, grad.reshape(-1, shape[-1]), 1.0 / denominator)
     if not (run or _compiled().run_rows)(_compiled().cross_entropy_rows, rows, loss, *args):
         return None
-    res = loss.reshape(shape[:-1]) if reduction == "none" else np.sum(loss) / denominator
-    res = finish(np.asarray(res), x.dtype, np)
+    if reduction == "none":
+        res = finish(loss.reshape(shape[:-1]), x.dtype, np)
+    else:
+        value = float(loss.sum()) / denominator
+        # rounded here when it cannot overflow: finish's quiet cast costs 1 us more
+        fits = abs(value) <= float(np.finfo(x.dtype).max)
+        res = np.asarray(value, dtype=x.dtype) if fits else finish(np.asarray(value), x.dtype, np)
     if grad_into is None:
         return res
     return res, grad if axis == x.ndim - 1 else np.moveaxis(grad, -1, axis)
@@ -401,17 +407,26 @@ def _torch_cross_entropy(
     smoothing: float,
 ) -> Any:
     torch = sys.modules["torch"]
+    if target.device.type != "cpu" or (weight is not None and weight.device.type != "cpu"):
+        return None  # the generic path tells (torch raises)
+    if weight is not None and weight.requires_grad and torch.is_grad_enabled():
+        return None  # torch's loss has no gradient for the weights; the generic one has
+    t = numpy_view(target)  # None inside a torch.func transform: no values to read
+    if t is None:
+        return None
     w = None if weight is None else numpy_view(weight)
     # bfloat16 and float16 logits are widened to float32 (exact) for the kernel; the
     # loss and the gradient are rounded to their dtype at the end (SPEC §3.4)
     half = x.dtype in (torch.bfloat16, torch.float16)
     if (x.dtype == torch.float32 or half) and (weight is None or w is not None):
-        args = (target.numpy(), axis, w, ignore_index, reduction, smoothing)
+        args = (t, axis, w, ignore_index, reduction, smoothing)
         wide = x.float() if half else x
         view = numpy_view(wide)  # None under autograd (x.float() is then recorded too)
         if view is not None:
             res = _np_cross_entropy(view, *args, run=_on_torch_threads())
-            return None if res is None else torch.from_numpy(res).to(x.dtype)
+            if res is None:
+                return None
+            return torch.from_numpy(res).to(x.dtype) if half else torch.from_numpy(res)
         view = numpy_view(wide, attaches_grad=True)
         if view is not None:
             # the gradient in torch's memory: a NumPy buffer of 16 MB handed to torch
@@ -429,6 +444,10 @@ def _torch_cross_entropy(
 
             loss, grad = (torch.from_numpy(a) for a in both)
             return _precomputed_grad().apply(x, (loss.to(x.dtype), grad, axis, again))
+    # the targets are checked here, not by the facade (see _np_cross_entropy)
+    t = t.astype(np.int64, copy=False)
+    if _compiled().target_total(t, _NO_WEIGHT, ignore_index, x.shape[axis]) < 0:
+        return None
     loss = _torch_ce_float64(x, target, axis, weight, ignore_index, reduction, smoothing)
     # torch's float64 loss is right to far below a float32 ulp where it is finite and
     # not tiny. Otherwise (an infinite or masked target logit, a +inf logit, all samples
@@ -459,7 +478,7 @@ def _torch_ce_float64(
     return torch.nn.functional.cross_entropy(
         x.double(),
         target.long(),
-        weight=weight,
+        weight=None if weight is None else weight.double(),
         ignore_index=ignore_index,
         reduction=reduction,
         label_smoothing=smoothing,

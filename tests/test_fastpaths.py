@@ -159,6 +159,81 @@ def test_cross_entropy_fast_path(fb, generic_ce_calls, monkeypatch):
     assert generic_ce_calls == []
 
 
+@pytest.mark.parametrize("bad", [3, -1, 7, -101])
+@pytest.mark.parametrize("route", ["plain", "none", "weight", "autograd", "torch.func"])
+def test_cross_entropy_fast_path_checks_targets(fb, bad, route, generic_ce_calls, monkeypatch):
+    """The fast paths read the targets before the kernel indexes the logits with them
+    (the facade leaves that to them): a target outside [0, C) that is not ignore_index
+    goes to the generic path, whose check raises the ValueError of SPEC §4, whatever
+    the route: the compiled kernel, with or without autograd, or torch's float64 loss
+    (under ``torch.func.grad``)."""
+    monkeypatch.delenv(_fastpaths.DISABLE_ENV, raising=False)
+    x = fb.asarray(np.array([[1.0, 2.0, 3.0], [0.5, 0.0, -1.0]]), dtype="float32")
+    kw = {}
+    if route == "none":
+        kw["reduction"] = "none"
+    if route == "weight":
+        kw["weight"] = fb.asarray(np.array([1.0, 2.0, 0.5]), dtype="float32")
+    if route in ("autograd", "torch.func") and fb.name != "torch":
+        pytest.skip("autograd is torch's")
+
+    def loss(t, **more):
+        if route == "torch.func":
+            f = lambda v: sm.cross_entropy(v, t, **kw, **more)  # noqa: E731
+            return fb.module.func.grad(f)(x)
+        v = x.requires_grad_(True) if route == "autograd" else x
+        return sm.cross_entropy(v, t, **kw, **more)
+
+    for dtype in ("int64", "int32"):
+        t = fb.asarray(np.array([0, bad]), dtype=dtype)
+        with pytest.raises(ValueError, match=r"\[0, 3\)"):
+            loss(t)
+        # the same values are fine where the bad one is the ignored class
+        assert np.all(np.isfinite(fb.to_numpy(loss(t, ignore_index=bad))))
+    if route != "torch.func":  # inside a torch.func transform the generic kernel runs
+        assert generic_ce_calls == []  # it never ran: its check raised
+
+
+@pytest.mark.parametrize("func", [*FUNCS, "cross_entropy"])
+def test_torch_func_transforms_on_fast_path_dtypes(tb, func, monkeypatch):
+    """torch.func.grad, vjp and vmap of float32 CPU tensors, and a float32 tensor from
+    outside used inside a transform: NumPy cannot read the memory of any tensor there,
+    so the compiled kernels must not run (cross_entropy raised "Cannot access data
+    pointer of Tensor that doesn't have storage" under torch.func.grad). The results
+    are those of torch.autograd on the same inputs."""
+    torch = tb.module
+    monkeypatch.delenv(_fastpaths.DISABLE_ENV, raising=False)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 5, generator=gen)
+    t = torch.tensor([4, 0, 2])
+    w = torch.randn(5, generator=gen)  # weights the function's output with
+
+    def f(v):
+        if func == "cross_entropy":
+            return sm.cross_entropy(v * w, t, reduction="sum")
+        out = getattr(sm, func)(v * w)
+        return (out * torch.arange(out.numel()).reshape(out.shape)).sum()
+
+    xa = x.clone().requires_grad_(True)
+    (want,) = torch.autograd.grad(f(xa), xa)
+    torch.testing.assert_close(torch.func.grad(f)(x), want, rtol=1e-6, atol=1e-7)
+    _, vjp = torch.func.vjp(f, x)
+    torch.testing.assert_close(vjp(torch.tensor(1.0))[0], want, rtol=1e-6, atol=1e-7)
+
+    def g(scale):  # x itself is not transformed, only used inside the transform
+        if func == "cross_entropy":
+            direct = sm.cross_entropy(x, t, reduction="sum")
+        else:
+            direct = (getattr(sm, func)(x) ** 2).sum()
+        return direct * scale + f(x * scale)
+
+    wa = torch.tensor(1.5, requires_grad=True)
+    (want_s,) = torch.autograd.grad(g(wa), wa)
+    torch.testing.assert_close(torch.func.grad(g)(torch.tensor(1.5)), want_s, rtol=1e-5, atol=1e-6)
+    scales = torch.tensor([0.5, 2.0])
+    torch.testing.assert_close(torch.func.vmap(g)(scales), torch.stack([g(s) for s in scales]))
+
+
 @pytest.mark.parametrize(
     ("row", "target", "kw"),
     [
@@ -276,6 +351,36 @@ def test_half_precision_cross_entropy_on_the_kernel(
             got.double().numpy(), want_grad.numpy(), rtol=eps, atol=eps * 1e-2
         )
     assert generic_ce_calls == []
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_cross_entropy_gradient_of_the_weights(tb, reduction, monkeypatch):
+    """A weight that requires grad gets its gradient (from the generic kernel: torch's
+    own loss refuses one, and the fast path raised its RuntimeError before)."""
+    torch = tb.module
+    monkeypatch.delenv(_fastpaths.DISABLE_ENV, raising=False)
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(6, 4, generator=gen, requires_grad=True)
+    t = torch.tensor([0, 3, 1, 1, -100, 2])
+    w = (torch.rand(4, generator=gen) + 0.5).requires_grad_(True)
+    loss = sm.cross_entropy(x, t, weight=w, reduction=reduction)
+    up = torch.randn(loss.shape, generator=gen)
+    gx, gw = torch.autograd.grad(loss, (x, w), up)
+    # the reference, in float64 torch ops: w[t] (-log_softmax(x)[t]), its mean over w[t]
+    x64, w64 = x.detach().double().requires_grad_(True), w.detach().double().requires_grad_(True)
+    kept = t != -100
+    tk = torch.where(kept, t, 0)
+    nll = -torch.log_softmax(x64, -1).gather(1, tk[:, None])[:, 0]
+    per = torch.where(kept, w64[tk] * nll, 0.0)
+    want = {
+        "none": per,
+        "sum": per.sum(),
+        "mean": per.sum() / torch.where(kept, w64[tk], 0.0).sum(),
+    }
+    wx, ww = torch.autograd.grad(want[reduction], (x64, w64), up.double())
+    np.testing.assert_allclose(loss.detach().numpy(), want[reduction].detach().numpy(), rtol=1e-6)
+    np.testing.assert_allclose(gx.numpy(), wx.numpy(), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(gw.numpy(), ww.numpy(), rtol=1e-5, atol=1e-7)
 
 
 def test_cross_entropy_kernel_second_derivative(tb, monkeypatch):

@@ -163,7 +163,7 @@ def numpy_view(x: Any, *, attaches_grad: bool = False) -> np.ndarray | None:
     computing outside torch would lose something: ``x`` takes part in autograd
     (``requires_grad`` with grad mode on; allowed with ``attaches_grad``, when the
     caller attaches the derivative itself), is wrapped by a ``torch.func`` transform
-    (``grad``, ``vmap``, ``jvp``), may carry a forward-mode tangent (inside
+    (``grad``, ``vmap``, ``jvp``) or used inside one, may carry a forward-mode tangent (inside
     ``torch.autograd.forward_ad.dual_level``), or is a subclass other than
     ``Parameter``. The caller has checked the device and that no compiler traces."""
     torch = sys.modules["torch"]
@@ -171,7 +171,9 @@ def numpy_view(x: Any, *, attaches_grad: bool = False) -> np.ndarray | None:
         return None
     if x.requires_grad and torch.is_grad_enabled() and not attaches_grad:
         return None
-    if torch._C._functorch.is_functorch_wrapped_tensor(x):
+    functorch = torch._C._functorch
+    # inside a transform even a tensor from outside it has no memory to read
+    if functorch.maybe_current_level() is not None or functorch.is_functorch_wrapped_tensor(x):
         return None
     if getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0:
         return None

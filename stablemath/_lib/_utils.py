@@ -67,8 +67,9 @@ _KINDS: dict[tuple[type, Any], str] = {}
 
 
 def dtype_kind(xp: Any, dtype: Any) -> str:
-    """``"real"`` (real floating), ``"complex"`` or ``"other"``, cached per dtype:
-    ``isdtype`` costs microseconds per call on NumPy, and every call needs it."""
+    """``"real"`` (real floating), ``"complex"``, ``"integer"`` (signed or unsigned) or
+    ``"other"`` (bool), cached per dtype: ``isdtype`` costs microseconds per call on
+    NumPy and torch, and every call needs it."""
     key = (type(dtype), dtype)
     kind = _KINDS.get(key)
     if kind is None:
@@ -76,6 +77,8 @@ def dtype_kind(xp: Any, dtype: Any) -> str:
             kind = "real"
         elif xp.isdtype(dtype, "complex floating"):
             kind = "complex"
+        elif xp.isdtype(dtype, "integral"):
+            kind = "integer"
         else:
             kind = "other"
         _KINDS[key] = kind
@@ -92,7 +95,7 @@ def check_complex(xp: Any, x: Any, func: str) -> None:
 def float_dtype(xp: Any, x: Any) -> Any:
     """The floating dtype ``x`` is computed as: its own, or the default floating dtype
     of its namespace for integer and boolean input."""
-    if dtype_kind(xp, x.dtype) != "other":
+    if dtype_kind(xp, x.dtype) in ("real", "complex"):
         return x.dtype
     info = xp.__array_namespace_info__()
     return info.default_dtypes(device=None)["real floating"]
