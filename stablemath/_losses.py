@@ -11,6 +11,7 @@ range back, to be rejected here (the facade's own check cost a batch of one 8 us
 from __future__ import annotations
 
 import math
+import operator
 from typing import Any
 
 from . import _fastpaths, _kernels, _triton
@@ -35,6 +36,19 @@ def _check_reduction(reduction: str) -> None:
     if reduction not in _REDUCTIONS:
         msg = f"reduction must be one of {_REDUCTIONS}, got {reduction!r}"
         raise ValueError(msg)
+
+
+def _check_ignore_index(ignore_index: Any) -> int:
+    """An integer that an int64 target can hold (torch's and the kernels' type)."""
+    try:
+        value = operator.index(ignore_index)
+    except TypeError:
+        msg = f"ignore_index must be an integer, got {ignore_index!r}"
+        raise TypeError(msg) from None
+    if not -(2**63) <= value < 2**63:
+        msg = f"ignore_index must fit in int64, got {ignore_index!r}"
+        raise ValueError(msg)
+    return value
 
 
 def _check_target_shape(target: Any, shape: tuple[int, ...], axis: int, name: str) -> None:
@@ -170,12 +184,14 @@ def cross_entropy(
     ------
     ValueError
         Bad ``reduction``, ``label_smoothing``, ``z_loss``, ``temperature`` or
-        ``softcap``; ``target`` or ``weight`` of the wrong shape; on eager arrays, a
+        ``softcap``; an ``ignore_index`` beyond int64; ``target`` or ``weight`` of the
+        wrong shape; on eager arrays, a
         hard target outside ``[0, C)`` that is not ``ignore_index`` or a negative soft
         target. Under ``jax.jit``/``torch.compile`` and on Dask arrays these values
         are not inspected: such a sample's loss is NaN instead.
     TypeError
-        Complex logits; arrays of two libraries.
+        Complex logits; arrays of two libraries; an ``ignore_index`` that is not an
+        integer.
 
     Notes
     -----
@@ -203,6 +219,7 @@ def cross_entropy(
     xp, (logits, target, weight, where) = array_namespace(logits, target, weight, where)
     check_complex(xp, logits, "cross_entropy")
     _check_reduction(reduction)
+    ignore_index = _check_ignore_index(ignore_index)
     if not 0.0 <= float(label_smoothing) <= 1.0:
         msg = f"label_smoothing must lie in [0, 1], got {label_smoothing!r}"
         raise ValueError(msg)
@@ -336,6 +353,16 @@ def nll_loss(
     array
         Per-sample losses or a 0-d array, in the input's dtype.
 
+    Raises
+    ------
+    ValueError
+        Bad ``reduction``; an ``ignore_index`` beyond int64; ``target`` or ``weight``
+        of the wrong shape; on eager arrays, a target outside ``[0, C)`` that is not
+        ``ignore_index``.
+    TypeError
+        Complex or mixed-library input; a target that is not integer; an
+        ``ignore_index`` that is not an integer.
+
     Notes
     -----
     A ``-inf`` log-probability at the target gives ``+inf``; NaN propagates. Target
@@ -353,6 +380,7 @@ def nll_loss(
     xp, (log_probs, target, weight) = array_namespace(log_probs, target, weight)
     check_complex(xp, log_probs, "nll_loss")
     _check_reduction(reduction)
+    ignore_index = _check_ignore_index(ignore_index)
     shape = tuple(log_probs.shape)
     ax = single_axis(axis, len(shape))
     if not xp.isdtype(target.dtype, "integral"):

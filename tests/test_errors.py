@@ -128,6 +128,28 @@ def test_bad_loss_options(backend, kwargs, match):
         sm.cross_entropy(backend.asarray(X), backend.asarray(T), **kwargs)
 
 
+@pytest.mark.parametrize("dtype", ["float64", "float32"])  # generic and fast paths
+@pytest.mark.parametrize(
+    ("ignore_index", "error"),
+    [
+        (1.5, TypeError),
+        ("-100", TypeError),
+        (None, TypeError),
+        (2**70, ValueError),
+        (-(2**63) - 1, ValueError),
+    ],
+)
+def test_bad_ignore_index(backend, dtype, ignore_index, error):
+    """An integer an int64 target can hold: a float was taken as is, one beyond int64
+    raised OverflowError (generic path) or Numba's TypingError (fast path)."""
+    x = backend.asarray(X, dtype=dtype)
+    for func in (sm.cross_entropy, sm.nll_loss):
+        with pytest.raises(error, match="ignore_index"):
+            func(x, backend.asarray(T), ignore_index=ignore_index)
+    edge = sm.cross_entropy(x, backend.asarray(T), ignore_index=2**63 - 1, reduction="none")
+    assert np.all(np.isfinite(_np(backend, edge)))
+
+
 @pytest.mark.parametrize("temperature", [0.0, -2.0, math.nan, math.inf])
 def test_bad_temperature(backend, temperature):
     for func in (sm.softmax, sm.log_softmax):
