@@ -117,8 +117,9 @@ def _exp_nonpos(d: float) -> float:
 
     ``k`` is rounded by adding :data:`_SHIFTER`, whose bits then hold ``k + 1023``
     (shifted into the exponent field, the rest of them fall off): two operations
-    instead of four for ``rint`` and the conversion to an integer, 8% of the time of a
-    pass of ``exp`` over a 4096x1000 float32 array (1.79 against 1.94 ms, one thread).
+    instead of four for ``rint`` and the conversion to an integer: a pass of ``exp``
+    and sum over float32 rows in cache takes 0.87 of the time (median of 30
+    interleaved pairs, 64x1000, one thread, 0.26 ns an element before).
     """
     d = max(d, _FLOOR)
     shifted = d * _LOG2E + _SHIFTER
