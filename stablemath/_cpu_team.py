@@ -89,103 +89,130 @@ def _fail(a: Any) -> None:
     numba.carray(_address(a[_COUNTER]), (2,), np.int64)[1] = 1
 
 
-@numba.njit(cache=True)
-def _x(a: Any) -> Any:
-    return numba.carray(_address(a[_X]), (a[_ROWS], a[_N]), np.float32)
+def _rows_of(element: Any) -> Any:
+    """The function that reads the rows ``x`` out of the argument block, as arrays of
+    ``element`` (float32, or uint16 for bfloat16 bits)."""
+
+    @numba.njit(cache=True)
+    def rows_of(a: Any) -> Any:
+        return numba.carray(_address(a[_X]), (a[_ROWS], a[_N]), element)
+
+    return rows_of
 
 
 # softmax and log_softmax: word 6 says whether out is float64 (for float16 inputs),
-# word 7 holds inv_t
-def _normalise_body(kernel: Any) -> Any:
+# word 7 holds inv_t; bfloat16 rows have bfloat16 outputs
+def _normalise_body(kernel: Any, element: Any) -> Any:
+    rows_of = _rows_of(element)
+    bfloat16 = element is np.uint16
+
     @numba.njit(cache=True)
     def body(a: Any, f: Any) -> None:
-        x = _x(a)
+        x = rows_of(a)
         rows, n, step = a[_ROWS], a[_N], a[_STEP]
         out64 = numba.carray(_address(a[_OUT]), (rows, n), np.float64)
         out32 = numba.carray(_address(a[_OUT]), (rows, n), np.float32)
+        out16 = numba.carray(_address(a[_OUT]), (rows, n), np.uint16)
         while True:
             r0 = _claim(a)
             if r0 < 0:
                 return
             r1 = min(r0 + step, rows)
-            ok = kernel(x, out64, r0, r1, f[7]) if a[6] else kernel(x, out32, r0, r1, f[7])
+            if bfloat16:
+                ok = kernel(x, out16, r0, r1, f[7])
+            elif a[6]:
+                ok = kernel(x, out64, r0, r1, f[7])
+            else:
+                ok = kernel(x, out32, r0, r1, f[7])
             if not ok:
                 _fail(a)
 
     return body
 
 
-_softmax = _normalise_body(ck.softmax_rows)
-_log_softmax = _normalise_body(ck.log_softmax_rows)
+def _logsumexp_body(element: Any) -> Any:
+    rows_of = _rows_of(element)
+
+    @numba.njit(cache=True)
+    def body(a: Any, f: Any) -> None:
+        # word 6: out is float64
+        x = rows_of(a)
+        rows, step = a[_ROWS], a[_STEP]
+        out64 = numba.carray(_address(a[_OUT]), (rows,), np.float64)
+        out32 = numba.carray(_address(a[_OUT]), (rows,), np.float32)
+        while True:
+            r0 = _claim(a)
+            if r0 < 0:
+                return
+            r1 = min(r0 + step, rows)
+            if a[6]:
+                ok = ck.logsumexp_rows(x, out64, r0, r1, 1.0)
+            else:
+                ok = ck.logsumexp_rows(x, out32, r0, r1, 1.0)
+            if not ok:
+                _fail(a)
+
+    return body
 
 
-def _softmax_team(data: Any) -> None:
-    a = numba.carray(data, (_SLOTS,), np.int64)
-    _softmax(a, numba.carray(data, (_SLOTS,), np.float64))
+def _cross_entropy_body(element: Any) -> Any:
+    rows_of = _rows_of(element)
+
+    @numba.njit(cache=True)
+    def body(a: Any, f: Any) -> None:
+        # words 6-12: target, weight and its length, ignore_index, grad and its two
+        # dimensions; 13 and 14: smoothing and scale (float64); out is float64
+        x = rows_of(a)
+        rows, step = a[_ROWS], a[_STEP]
+        loss = numba.carray(_address(a[_OUT]), (rows,), np.float64)
+        target = numba.carray(_address(a[6]), (rows,), np.int64)
+        weight = numba.carray(_address(a[7]), (a[8],), np.float64)
+        grad = numba.carray(_address(a[10]), (a[11], a[12]), np.float32)
+        while True:
+            r0 = _claim(a)
+            if r0 < 0:
+                return
+            r1 = min(r0 + step, rows)
+            if not ck.cross_entropy_rows(
+                x, loss, r0, r1, target, weight, a[9], f[13], grad, f[14]
+            ):
+                _fail(a)
+
+    return body
 
 
-def _log_softmax_team(data: Any) -> None:
-    a = numba.carray(data, (_SLOTS,), np.int64)
-    _log_softmax(a, numba.carray(data, (_SLOTS,), np.float64))
+def _team(body: Any) -> Any:
+    """The team's function: the argument block's words, as int64 and as float64."""
+
+    def team(data: Any) -> None:
+        body(numba.carray(data, (_SLOTS,), np.int64), numba.carray(data, (_SLOTS,), np.float64))
+
+    return team
 
 
-def _logsumexp_team(data: Any) -> None:
-    # word 6: out is float64
-    a = numba.carray(data, (_SLOTS,), np.int64)
-    x = _x(a)
-    rows, step = a[_ROWS], a[_STEP]
-    out64 = numba.carray(_address(a[_OUT]), (rows,), np.float64)
-    out32 = numba.carray(_address(a[_OUT]), (rows,), np.float32)
-    while True:
-        r0 = _claim(a)
-        if r0 < 0:
-            return
-        r1 = min(r0 + step, rows)
-        if a[6]:
-            ok = ck.logsumexp_rows(x, out64, r0, r1, 1.0)
-        else:
-            ok = ck.logsumexp_rows(x, out32, r0, r1, 1.0)
-        if not ok:
-            _fail(a)
-
-
-def _cross_entropy_team(data: Any) -> None:
-    # words 6-12: target, weight and its length, ignore_index, grad and its two
-    # dimensions; 13 and 14: smoothing and scale (float64); out is float64
-    a = numba.carray(data, (_SLOTS,), np.int64)
-    f = numba.carray(data, (_SLOTS,), np.float64)
-    x = _x(a)
-    rows, step = a[_ROWS], a[_STEP]
-    loss = numba.carray(_address(a[_OUT]), (rows,), np.float64)
-    target = numba.carray(_address(a[6]), (rows,), np.int64)
-    weight = numba.carray(_address(a[7]), (a[8],), np.float64)
-    grad = numba.carray(_address(a[10]), (a[11], a[12]), np.float32)
-    while True:
-        r0 = _claim(a)
-        if r0 < 0:
-            return
-        r1 = min(r0 + step, rows)
-        if not ck.cross_entropy_rows(x, loss, r0, r1, target, weight, a[9], f[13], grad, f[14]):
-            _fail(a)
-
-
+# (kernel, element type of the rows) -> the team's function, compiled at first use
 _BODIES = {
-    ck.softmax_rows: _softmax_team,
-    ck.log_softmax_rows: _log_softmax_team,
-    ck.logsumexp_rows: _logsumexp_team,
-    ck.cross_entropy_rows: _cross_entropy_team,
+    (kernel, element): _team(make(element))
+    for element in (np.float32, np.uint16)
+    for kernel, make in (
+        (ck.softmax_rows, lambda e: _normalise_body(ck.softmax_rows, e)),
+        (ck.log_softmax_rows, lambda e: _normalise_body(ck.log_softmax_rows, e)),
+        (ck.logsumexp_rows, _logsumexp_body),
+        (ck.cross_entropy_rows, _cross_entropy_body),
+    )
 }
 _CFUNCS: dict[Any, Any] = {}
 
 
-def _cfunc(kernel: Any) -> Any:
-    """The address of the team's function for ``kernel``, compiled at its first use (a
-    fresh install took 6 s to compile all four at once; loading one from Numba's disk
-    cache takes about 0.1 s)."""
-    address = _CFUNCS.get(kernel)
+def _cfunc(kernel: Any, element: Any) -> Any:
+    """The address of the team's function for ``kernel`` on rows of ``element``,
+    compiled at its first use (a fresh install took 6 s to compile all four float32
+    ones at once; loading one from Numba's disk cache takes about 0.1 s)."""
+    key = (kernel, element)
+    address = _CFUNCS.get(key)
     if address is None:
-        compiled = numba.cfunc(types.void(types.voidptr), nogil=True, cache=True)(_BODIES[kernel])
-        address = _CFUNCS[kernel] = compiled.address
+        compiled = numba.cfunc(types.void(types.voidptr), nogil=True, cache=True)(_BODIES[key])
+        address = _CFUNCS[key] = compiled.address
     return address
 
 
@@ -284,5 +311,5 @@ def run_rows(kernel: Any, x: np.ndarray, out: np.ndarray, *params: Any) -> bool:
     if threads <= 1:
         return bool(kernel(x, out, 0, x.shape[0], *params))
     a, counter = _block(kernel, x, out, params)
-    gomp(_cfunc(kernel), a.ctypes.data, threads, 0)
+    gomp(_cfunc(kernel, x.dtype.type), a.ctypes.data, threads, 0)
     return not counter[1]

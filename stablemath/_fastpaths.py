@@ -19,9 +19,10 @@ Two implementations, one arithmetic:
 * **compiled row kernels** (:mod:`stablemath._cpu_kernels`, Numba) for NumPy float32
   and float16 arrays and for torch tensors that no autodiff sees
   (:func:`~stablemath._lib._compat.numpy_view`: no ``requires_grad`` under grad mode,
-  no ``torch.func`` wrapper, no forward-mode tangent): a float32 tensor's memory is
-  read in place, a bfloat16 or float16 tensor is widened to float32 first, and the
-  result is wrapped with ``torch.from_numpy``. For torch tensors the kernels run on
+  no ``torch.func`` transform, no forward-mode tangent): the memory of a float32 or
+  bfloat16 tensor is read in place (bfloat16 as its bits, which the kernels widen and
+  round themselves), a float16 tensor is widened to float32 first, and the result is
+  wrapped with ``torch.from_numpy``. For torch tensors the kernels run on
   torch's own OpenMP threads (:mod:`stablemath._cpu_team`). Cross-entropy takes
   tensors under autograd too: the kernel computes the loss and its gradient in one
   pass over the logits, and a ``torch.autograd.Function`` (:func:`_precomputed_grad`)
@@ -86,6 +87,9 @@ __all__ = ["DISABLE_ENV", "cross_entropy", "enabled", "log_softmax", "logsumexp"
 
 DISABLE_ENV = "STABLEMATH_DISABLE_FASTPATHS"
 _NUMPY_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
+# bfloat16 tensors reach the kernels as their bits in uint16 (numpy_view's
+# bfloat16_bits; stablemath._cpu_kernels.BFLOAT16, not imported here: see _compiled)
+_BFLOAT16_BITS = np.dtype(np.uint16)
 _NO_WEIGHT = np.empty(0)  # the kernels' "no class weights" and "no gradient"
 _NO_GRAD = np.empty((0, 0), np.float32)
 
@@ -144,15 +148,17 @@ def _on_torch_threads() -> Any:
 
 
 def _as_rows(x: np.ndarray, axis: int) -> tuple[np.ndarray, tuple[int, ...]]:
-    """The slices of ``x`` along ``axis`` as the rows of a C-contiguous float32 array
-    (a view when ``axis`` is the last one of a contiguous float32 array, else one
-    copy), and the shape of ``x`` with ``axis`` moved last."""
+    """The slices of ``x`` along ``axis`` as the rows of a C-contiguous float32 array,
+    or of bfloat16 bits (a view when ``axis`` is the last one of a contiguous array of
+    either, else one copy), and the shape of ``x`` with ``axis`` moved last."""
     if axis == x.ndim - 1:
         shape = x.shape
     else:  # np.moveaxis costs 2-3 us: too much to pay for the common case
         x = np.moveaxis(x, axis, -1)
         shape = x.shape
-    if x.dtype != np.float32 or not x.flags.c_contiguous:
+    if x.dtype == _BFLOAT16_BITS:
+        x = np.ascontiguousarray(x)
+    elif x.dtype != np.float32 or not x.flags.c_contiguous:
         x = np.ascontiguousarray(x, dtype=np.float32)
     return x.reshape(-1, shape[-1]), shape
 
@@ -160,11 +166,12 @@ def _as_rows(x: np.ndarray, axis: int) -> tuple[np.ndarray, tuple[int, ...]]:
 def _np_normalise(
     kernel: Any, x: np.ndarray, axis: int, t: float, run: Any = None
 ) -> np.ndarray | None:
-    """softmax or log_softmax; float16 results are rounded once, from float64. ``run``
-    runs the kernel over the rows (default :func:`stablemath._cpu_kernels.run_rows`)."""
-    wide = x.dtype != np.float32
+    """softmax or log_softmax; float16 results are rounded once, from float64, and
+    bfloat16 bits give bfloat16 bits. ``run`` runs the kernel over the rows (default
+    :func:`stablemath._cpu_kernels.run_rows`)."""
+    wide = x.dtype == np.float16
     rows, shape = _as_rows(x, axis)
-    out = np.empty(shape, dtype=np.float64 if wide else np.float32)
+    out = np.empty(shape, dtype=np.float64 if wide else rows.dtype)
     if not (run or _compiled().run_rows)(kernel, rows, out.reshape(rows.shape), 1.0 / t):
         return None
     if axis != x.ndim - 1:
@@ -181,7 +188,8 @@ def _np_log_softmax(x: np.ndarray, axis: int, t: float, run: Any = None) -> np.n
 
 
 def _np_logsumexp(x: np.ndarray, axis: int, keepdims: bool, run: Any = None) -> np.ndarray | None:
-    wide = x.dtype != np.float32
+    """float32 for float32 and bfloat16 bits (the torch path rounds it to bfloat16)."""
+    wide = x.dtype == np.float16
     rows, shape = _as_rows(x, axis)
     out = np.empty(shape[:-1], dtype=np.float64 if wide else np.float32)
     run = run or _compiled().run_rows
@@ -211,6 +219,7 @@ def _np_cross_entropy(
     the logits into ``grad_into(shape)``: then ``(loss, grad)``. None where the generic
     kernel decides (a row the kernel refuses, or a mean over no kept sample: SPEC §4's
     0 with a zero gradient)."""
+    result_dtype = np.dtype(np.float32) if x.dtype == _BFLOAT16_BITS else x.dtype
     rows, shape = _as_rows(x, axis)
     t = np.ascontiguousarray(target, dtype=np.int64).reshape(-1)
     w = _NO_WEIGHT if weight is None else np.ascontiguousarray(weight, dtype=np.float64)
@@ -225,12 +234,16 @@ def _np_cross_entropy(
     if not (run or _compiled().run_rows)(_compiled().cross_entropy_rows, rows, loss, *args):
         return None
     if reduction == "none":
-        res = finish(loss.reshape(shape[:-1]), x.dtype, np)
+        res = finish(loss.reshape(shape[:-1]), result_dtype, np)
     else:
         value = float(loss.sum()) / denominator
         # rounded here when it cannot overflow: finish's quiet cast costs 1 us more
-        fits = abs(value) <= float(np.finfo(x.dtype).max)
-        res = np.asarray(value, dtype=x.dtype) if fits else finish(np.asarray(value), x.dtype, np)
+        fits = abs(value) <= float(np.finfo(result_dtype).max)
+        res = (
+            np.asarray(value, result_dtype)
+            if fits
+            else finish(np.asarray(value), result_dtype, np)
+        )
     if grad_into is None:
         return res
     return res, grad if axis == x.ndim - 1 else np.moveaxis(grad, -1, axis)
@@ -284,23 +297,35 @@ def _precomputed_grad() -> Any:
 
 
 def _on_kernels(numpy_impl: Any, x: Any, *args: Any) -> Any:
-    """``numpy_impl`` on the memory of a float32 tensor that no autodiff or transform
-    sees (:func:`~stablemath._lib._compat.numpy_view`), as a tensor; ``False`` where
-    that does not apply (the torch-op path below then runs), None where the generic
-    kernel must decide. A bfloat16 or float16 tensor is widened to float32 (exact) and
-    the float32 result rounded to its dtype (SPEC §3.4: float32 arithmetic inside)."""
+    """``numpy_impl`` on the memory of a float32 or bfloat16 tensor that no autodiff
+    or transform sees (:func:`~stablemath._lib._compat.numpy_view`), as a tensor;
+    ``False`` where that does not apply (the torch-op path below then runs), None where
+    the generic kernel must decide. The kernels read bfloat16 themselves, widening each
+    element (exact) and rounding softmax and log_softmax to bfloat16 from float32, the
+    result torch's ``.to`` of a float32 result gives; a float16 tensor is widened to
+    float32 by torch first and the float32 result rounded to float16 (SPEC §3.4:
+    float32 arithmetic inside, or better)."""
     torch = sys.modules["torch"]
-    half = x.dtype in (torch.bfloat16, torch.float16)
-    if half and not (x.requires_grad and torch.is_grad_enabled()):
+    if x.dtype == torch.float16 and not (x.requires_grad and torch.is_grad_enabled()):
         view = numpy_view(x.float())
     else:
-        view = numpy_view(x) if x.dtype == torch.float32 else None
+        view = numpy_view(x, bfloat16_bits=True)
     if view is None:
         return False
     res = numpy_impl(view, *args, run=_on_torch_threads())
     if res is None:
         return None
-    return torch.from_numpy(res).to(x.dtype) if half else torch.from_numpy(res)
+    return _as_tensor(res, x.dtype)
+
+
+def _as_tensor(res: np.ndarray, dtype: Any) -> Any:
+    """A kernel's result as a torch tensor of ``dtype``: bfloat16 bits reinterpreted,
+    float32 rounded where ``dtype`` is narrower."""
+    torch = sys.modules["torch"]
+    if res.dtype == _BFLOAT16_BITS:
+        return torch.from_numpy(res.view(np.int16)).view(torch.bfloat16)
+    out = torch.from_numpy(res)
+    return out if out.dtype == dtype else out.to(dtype)
 
 
 def _torch_max(x: Any, axis: int) -> Any:
@@ -414,20 +439,19 @@ def _torch_cross_entropy(
     t = numpy_view(target)  # None inside a torch.func transform: no values to read
     if t is None:
         return None
-    w = None if weight is None else numpy_view(weight)
-    # bfloat16 and float16 logits are widened to float32 (exact) for the kernel; the
-    # loss and the gradient are rounded to their dtype at the end (SPEC §3.4)
-    half = x.dtype in (torch.bfloat16, torch.float16)
-    if (x.dtype == torch.float32 or half) and (weight is None or w is not None):
+    w = None if weight is None else numpy_view(weight)  # None for bfloat16 weights
+    # half precision logits are widened to float32 (exact) for the kernel; the loss
+    # and the gradient are rounded to their dtype at the end (SPEC §3.4)
+    if weight is None or w is not None:
         args = (t, axis, w, ignore_index, reduction, smoothing)
-        wide = x.float() if half else x
-        view = numpy_view(wide)  # None under autograd (x.float() is then recorded too)
+        # float16 is widened by torch (recorded by autograd, which then makes
+        # numpy_view refuse it); the kernel reads bfloat16 bits itself
+        wide = x.float() if x.dtype == torch.float16 else x
+        view = numpy_view(wide, bfloat16_bits=True)  # None under autograd
         if view is not None:
             res = _np_cross_entropy(view, *args, run=_on_torch_threads())
-            if res is None:
-                return None
-            return torch.from_numpy(res).to(x.dtype) if half else torch.from_numpy(res)
-        view = numpy_view(wide, attaches_grad=True)
+            return None if res is None else _as_tensor(res, x.dtype)
+        view = numpy_view(wide, attaches_grad=True, bfloat16_bits=True)
         if view is not None:
             # the gradient in torch's memory: a NumPy buffer of 16 MB handed to torch
             # and freed there was paged in afresh at every call (4900 page faults a

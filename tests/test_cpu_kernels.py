@@ -223,3 +223,55 @@ def test_a_forked_child_gets_a_pool_of_its_own():
     except subprocess.TimeoutExpired:
         pytest.fail("the split run in the forked child did not finish in 120 s")
     assert done.returncode == 0
+
+
+def test_bfloat16_conversions_are_torchs():
+    """The kernels' bfloat16 widening (all 65536 bit patterns but NaN) and rounding
+    (float32 values at and around every rounding tie, subnormals, the overflow edge,
+    infinities, zeros) give torch's conversions bit for bit."""
+    torch = pytest.importorskip("torch")
+    import numba
+
+    @numba.njit
+    def widen(bits, out):
+        for i in range(bits.shape[0]):
+            out[i] = ck._real(bits[i])
+
+    @numba.njit
+    def narrow(values, out):
+        for i in range(values.shape[0]):
+            ck._put(out, i, values[i])
+
+    bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    wide = np.empty(bits.size, np.float32)
+    widen(bits, wide)
+    want = torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16).float().numpy()
+    keep = ~np.isnan(want)
+    assert np.array_equal(wide[keep].view(np.uint32), want[keep].view(np.uint32))
+
+    rng = np.random.default_rng(5)
+    patterns = rng.integers(0, 1 << 32, 200_000, dtype=np.uint64).astype(np.uint32)
+    ties = (rng.integers(0, 1 << 16, 20_000, dtype=np.uint64).astype(np.uint32) << 16) | 0x8000
+    near = np.concatenate([ties - 1, ties, ties + 1])
+    edges = np.array(
+        [
+            0x7F7F7FFF,
+            0x7F7F8000,
+            0x7F7FFFFF,
+            0x7F800000,
+            0x00000001,
+            0x00008000,
+            0x00018000,
+            0x80000000,
+            0xFF800000,
+            0x3F808000,
+            0x3F818000,
+        ],
+        dtype=np.uint32,
+    )
+    values = np.concatenate([patterns, near, edges]).view(np.float32)
+    values = values[~np.isnan(values)]
+    out = np.empty(values.size, np.uint16)
+    narrow(values.astype(np.float64), out)  # the kernels put float64 values
+    want = torch.from_numpy(values).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    assert np.array_equal(out, want)

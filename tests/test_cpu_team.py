@@ -62,29 +62,41 @@ def _refuse(*args):
     raise AssertionError("ran on stablemath's pool, not on torch's team")
 
 
-@pytest.mark.parametrize("wide", [False, True])
+def _bfloat16_bits(x):
+    return torch.from_numpy(x).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+
+
+@pytest.mark.parametrize(
+    ("rows", "out"),
+    [("float32", "float32"), ("float32", "float64"), ("bfloat16", "bfloat16")],
+)
 @pytest.mark.parametrize(
     "kernel",
     ["softmax_rows", "log_softmax_rows", "logsumexp_rows"],
 )
-def test_the_team_gives_the_bits_of_one_call(kernel, wide, on_team):
+def test_the_team_gives_the_bits_of_one_call(kernel, rows, out, on_team):
     k = getattr(ck, kernel)
-    x = _rows(SHAPE)
+    x = _rows(SHAPE) if rows == "float32" else _bfloat16_bits(_rows(SHAPE))
     reduce = kernel == "logsumexp_rows"
-    dtype = np.float64 if wide else np.float32
+    dtype = {"float32": np.float32, "float64": np.float64, "bfloat16": np.uint16}[out]
+    if reduce and out == "bfloat16":
+        dtype = np.float32  # one value a row: rounded by torch
     inv_t = 1.0 if reduce else 0.75
     whole = np.empty(SHAPE[0] if reduce else SHAPE, dtype)
     assert k(x, whole, 0, SHAPE[0], inv_t)
-    out = np.full_like(whole, np.nan)
-    assert team.run_rows(k, x, out, inv_t)
-    np.testing.assert_array_equal(out, whole)
+    split = np.full_like(whole, 0x7FC0 if dtype == np.uint16 else np.nan)
+    assert team.run_rows(k, x, split, inv_t)
+    np.testing.assert_array_equal(split, whole)
 
 
+@pytest.mark.parametrize("rows", ["float32", "bfloat16"])
 @pytest.mark.parametrize("with_grad", [False, True])
 @pytest.mark.parametrize("weighted", [False, True])
-def test_the_team_gives_the_cross_entropy_of_one_call(with_grad, weighted, on_team):
+def test_the_team_gives_the_cross_entropy_of_one_call(with_grad, weighted, rows, on_team):
     x = _rows(SHAPE)
     x[x == -np.inf] = -50.0
+    if rows == "bfloat16":
+        x = _bfloat16_bits(x)
     rng = np.random.default_rng(3)
     t = rng.integers(0, SHAPE[1], SHAPE[0])
     t[::7] = -100

@@ -461,3 +461,64 @@ def test_compiled_kernels_take_torch_tensors_no_autodiff_sees(kernel_runs):
         torch.testing.assert_close(y, torch.softmax(x.double(), -1).to(dtype), rtol=0, atol=0)
         sm.softmax(x.to(dtype).requires_grad_(True))  # autograd: torch's ops
     assert kernel_runs == ["softmax_rows", "log_softmax_rows"] + ["softmax_rows"] * 2
+
+
+@pytest.mark.parametrize("shape", [(5, 7), (300, 500)])  # calling thread; torch's team
+def test_bfloat16_tensors_are_read_by_the_kernels(tb, shape, monkeypatch):
+    """bfloat16 tensors go to the kernels as their bits, with no float32 copy before
+    or after: the results are bit for bit those of the float32 tensor's, rounded to
+    bfloat16 (the route they took before: widened by torch, then rounded by torch),
+    with -inf entries, a temperature, another axis, and cross-entropy's gradient."""
+    from stablemath import _cpu_team
+
+    torch = tb.module
+    monkeypatch.delenv(_fastpaths.DISABLE_ENV, raising=False)
+    rows = []
+
+    def spy(kernel, x, *args):
+        rows.append(x.dtype)
+        return _cpu_team.run_rows(kernel, x, *args)
+
+    monkeypatch.setattr(_fastpaths, "_TEAM", spy)
+    gen = torch.Generator().manual_seed(4)
+    x = (torch.randn(shape, generator=gen) * 6).to(torch.bfloat16)
+    x[::3, ::4] = -math.inf
+    x32 = x.float()
+    bf16 = torch.bfloat16
+    for func, kw in [
+        ("softmax", {}),
+        ("softmax", {"temperature": 0.7, "axis": 0}),
+        ("log_softmax", {}),
+        ("log_softmax", {"axis": 0}),
+        ("logsumexp", {}),
+        ("logsumexp", {"axis": 0, "keepdims": True}),
+    ]:
+        got = getattr(sm, func)(x, **kw)
+        assert got.dtype == bf16
+        assert torch.equal(got, getattr(sm, func)(x32, **kw).to(bf16)), (func, kw)
+    finite = torch.where(torch.isinf(x), torch.tensor(-30.0, dtype=bf16), x)
+    t = torch.randint(0, shape[1], (shape[0],), generator=gen)
+    for kw in [{}, {"reduction": "none", "label_smoothing": 0.1}]:
+        want = sm.cross_entropy(finite.float(), t, **kw).to(bf16)
+        assert torch.equal(sm.cross_entropy(finite, t, **kw), want)
+    xg, xf = finite.clone().requires_grad_(True), finite.float().requires_grad_(True)
+    sm.cross_entropy(xg, t).backward()
+    sm.cross_entropy(xf, t).backward()
+    assert xg.grad.dtype == bf16 and torch.equal(xg.grad, xf.grad.to(bf16))
+    # every bfloat16 call ran the kernels on the bits, every float32 one on float32
+    bits, f32 = np.dtype(np.uint16), np.dtype(np.float32)
+    assert rows == [bits, f32] * 6 + [f32, bits] * 2 + [bits, f32]
+
+
+def test_bfloat16_class_weights(tb, monkeypatch):
+    """A bfloat16 weight tensor (NumPy cannot view it: it raised TypeError) is used in
+    float64, as any other weight."""
+    torch = tb.module
+    monkeypatch.delenv(_fastpaths.DISABLE_ENV, raising=False)
+    x = torch.tensor([[1.0, 2.0, 3.0], [0.5, 0.0, -1.0]])
+    t = torch.tensor([0, 2])
+    w = torch.tensor([1.0, 2.0, 0.5]).to(torch.bfloat16)  # exact in bfloat16
+    want = torch.nn.functional.cross_entropy(x.double(), t, weight=w.double())
+    for logits in (x, x.to(torch.bfloat16)):
+        got = sm.cross_entropy(logits, t, weight=w)
+        np.testing.assert_allclose(float(got), float(want), rtol=float(torch.finfo(got.dtype).eps))

@@ -158,14 +158,19 @@ def can_inspect_values(x: Any) -> bool:
     return True
 
 
-def numpy_view(x: Any, *, attaches_grad: bool = False) -> np.ndarray | None:
+def numpy_view(
+    x: Any, *, attaches_grad: bool = False, bfloat16_bits: bool = False
+) -> np.ndarray | None:
     """A NumPy array sharing the memory of the torch CPU tensor ``x``, or None where
     computing outside torch would lose something: ``x`` takes part in autograd
     (``requires_grad`` with grad mode on; allowed with ``attaches_grad``, when the
     caller attaches the derivative itself), is wrapped by a ``torch.func`` transform
-    (``grad``, ``vmap``, ``jvp``) or used inside one, may carry a forward-mode tangent (inside
-    ``torch.autograd.forward_ad.dual_level``), or is a subclass other than
-    ``Parameter``. The caller has checked the device and that no compiler traces."""
+    (``grad``, ``vmap``, ``jvp``) or used inside one, may carry a forward-mode tangent
+    (inside ``torch.autograd.forward_ad.dual_level``), or is a subclass other than
+    ``Parameter``. The caller has checked the device and that no compiler traces.
+
+    NumPy has no bfloat16: such a tensor gives None, or with ``bfloat16_bits`` its
+    bits as a uint16 array (for the compiled kernels, which read them as bfloat16)."""
     torch = sys.modules["torch"]
     if type(x) is not torch.Tensor and type(x) is not torch.nn.Parameter:
         return None
@@ -179,6 +184,8 @@ def numpy_view(x: Any, *, attaches_grad: bool = False) -> np.ndarray | None:
         return None
     if x.layout != torch.strided or x.is_neg():
         return None
+    if x.dtype == torch.bfloat16:
+        return x.detach().view(torch.int16).numpy().view(np.uint16) if bfloat16_bits else None
     return x.detach().numpy()
 
 
