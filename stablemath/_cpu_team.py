@@ -91,7 +91,7 @@ def _fail(a: Any) -> None:
 
 def _rows_of(element: Any) -> Any:
     """The function that reads the rows ``x`` out of the argument block, as arrays of
-    ``element`` (float32, or uint16 for bfloat16 bits)."""
+    ``element`` (float32; uint16 for bfloat16 bits, int16 for float16 bits)."""
 
     @numba.njit(cache=True)
     def rows_of(a: Any) -> Any:
@@ -101,10 +101,10 @@ def _rows_of(element: Any) -> Any:
 
 
 # softmax and log_softmax: word 6 says whether out is float64 (for float16 inputs),
-# word 7 holds inv_t; bfloat16 rows have bfloat16 outputs
+# word 7 holds inv_t; rows of bfloat16 or float16 bits have outputs of the same
 def _normalise_body(kernel: Any, element: Any) -> Any:
     rows_of = _rows_of(element)
-    bfloat16 = element is np.uint16
+    bits = element is not np.float32
 
     @numba.njit(cache=True)
     def body(a: Any, f: Any) -> None:
@@ -112,13 +112,13 @@ def _normalise_body(kernel: Any, element: Any) -> Any:
         rows, n, step = a[_ROWS], a[_N], a[_STEP]
         out64 = numba.carray(_address(a[_OUT]), (rows, n), np.float64)
         out32 = numba.carray(_address(a[_OUT]), (rows, n), np.float32)
-        out16 = numba.carray(_address(a[_OUT]), (rows, n), np.uint16)
+        out16 = numba.carray(_address(a[_OUT]), (rows, n), element)
         while True:
             r0 = _claim(a)
             if r0 < 0:
                 return
             r1 = min(r0 + step, rows)
-            if bfloat16:
+            if bits:
                 ok = kernel(x, out16, r0, r1, f[7])
             elif a[6]:
                 ok = kernel(x, out64, r0, r1, f[7])
@@ -193,7 +193,7 @@ def _team(body: Any) -> Any:
 # (kernel, element type of the rows) -> the team's function, compiled at first use
 _BODIES = {
     (kernel, element): _team(make(element))
-    for element in (np.float32, np.uint16)
+    for element in (np.float32, np.uint16, np.int16)
     for kernel, make in (
         (ck.softmax_rows, lambda e: _normalise_body(ck.softmax_rows, e)),
         (ck.log_softmax_rows, lambda e: _normalise_body(ck.log_softmax_rows, e)),

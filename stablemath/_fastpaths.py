@@ -19,10 +19,11 @@ Two implementations, one arithmetic:
 * **compiled row kernels** (:mod:`stablemath._cpu_kernels`, Numba) for NumPy float32
   and float16 arrays and for torch tensors that no autodiff sees
   (:func:`~stablemath._lib._compat.numpy_view`: no ``requires_grad`` under grad mode,
-  no ``torch.func`` transform, no forward-mode tangent): the memory of a float32 or
-  bfloat16 tensor is read in place (bfloat16 as its bits, which the kernels widen and
-  round themselves), a float16 tensor is widened to float32 first, and the result is
-  wrapped with ``torch.from_numpy``. For torch tensors the kernels run on
+  no ``torch.func`` transform, no forward-mode tangent): the memory of a float32,
+  bfloat16 or float16 tensor is read in place (half precision as its bits, which the
+  kernels widen and round themselves; float16 is widened to float32 by torch first on
+  CPUs without float16 conversions), and the result is wrapped with
+  ``torch.from_numpy``. For torch tensors the kernels run on
   torch's own OpenMP threads (:mod:`stablemath._cpu_team`). Cross-entropy takes
   tensors under autograd too: the kernel computes the loss and its gradient in one
   pass over the logits, and a ``torch.autograd.Function`` (:func:`_precomputed_grad`)
@@ -87,9 +88,12 @@ __all__ = ["DISABLE_ENV", "cross_entropy", "enabled", "log_softmax", "logsumexp"
 
 DISABLE_ENV = "STABLEMATH_DISABLE_FASTPATHS"
 _NUMPY_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
-# bfloat16 tensors reach the kernels as their bits in uint16 (numpy_view's
-# bfloat16_bits; stablemath._cpu_kernels.BFLOAT16, not imported here: see _compiled)
+# half precision tensors reach the kernels as their bits (numpy_view's half_bits):
+# bfloat16 in uint16, float16 in int16 (stablemath._cpu_kernels.BFLOAT16 and FLOAT16,
+# not imported here: see _compiled)
 _BFLOAT16_BITS = np.dtype(np.uint16)
+_FLOAT16_BITS = np.dtype(np.int16)
+_BITS = (_BFLOAT16_BITS, _FLOAT16_BITS)
 _NO_WEIGHT = np.empty(0)  # the kernels' "no class weights" and "no gradient"
 _NO_GRAD = np.empty((0, 0), np.float32)
 
@@ -156,7 +160,7 @@ def _as_rows(x: np.ndarray, axis: int) -> tuple[np.ndarray, tuple[int, ...]]:
     else:  # np.moveaxis costs 2-3 us: too much to pay for the common case
         x = np.moveaxis(x, axis, -1)
         shape = x.shape
-    if x.dtype == _BFLOAT16_BITS:
+    if x.dtype in _BITS:
         x = np.ascontiguousarray(x)
     elif x.dtype != np.float32 or not x.flags.c_contiguous:
         x = np.ascontiguousarray(x, dtype=np.float32)
@@ -167,7 +171,7 @@ def _np_normalise(
     kernel: Any, x: np.ndarray, axis: int, t: float, run: Any = None
 ) -> np.ndarray | None:
     """softmax or log_softmax; float16 results are rounded once, from float64, and
-    bfloat16 bits give bfloat16 bits. ``run`` runs the kernel over the rows (default
+    half precision bits give bits of the same. ``run`` runs the kernel over the rows (default
     :func:`stablemath._cpu_kernels.run_rows`)."""
     wide = x.dtype == np.float16
     rows, shape = _as_rows(x, axis)
@@ -188,7 +192,7 @@ def _np_log_softmax(x: np.ndarray, axis: int, t: float, run: Any = None) -> np.n
 
 
 def _np_logsumexp(x: np.ndarray, axis: int, keepdims: bool, run: Any = None) -> np.ndarray | None:
-    """float32 for float32 and bfloat16 bits (the torch path rounds it to bfloat16)."""
+    """float32 for float32 and half precision bits (the torch path rounds it)."""
     wide = x.dtype == np.float16
     rows, shape = _as_rows(x, axis)
     out = np.empty(shape[:-1], dtype=np.float64 if wide else np.float32)
@@ -219,7 +223,7 @@ def _np_cross_entropy(
     the logits into ``grad_into(shape)``: then ``(loss, grad)``. None where the generic
     kernel decides (a row the kernel refuses, or a mean over no kept sample: SPEC §4's
     0 with a zero gradient)."""
-    result_dtype = np.dtype(np.float32) if x.dtype == _BFLOAT16_BITS else x.dtype
+    result_dtype = np.dtype(np.float32) if x.dtype in _BITS else x.dtype
     rows, shape = _as_rows(x, axis)
     t = np.ascontiguousarray(target, dtype=np.int64).reshape(-1)
     w = _NO_WEIGHT if weight is None else np.ascontiguousarray(weight, dtype=np.float64)
@@ -297,19 +301,19 @@ def _precomputed_grad() -> Any:
 
 
 def _on_kernels(numpy_impl: Any, x: Any, *args: Any) -> Any:
-    """``numpy_impl`` on the memory of a float32 or bfloat16 tensor that no autodiff
+    """``numpy_impl`` on the memory of a float32 or half precision tensor that no autodiff
     or transform sees (:func:`~stablemath._lib._compat.numpy_view`), as a tensor;
     ``False`` where that does not apply (the torch-op path below then runs), None where
-    the generic kernel must decide. The kernels read bfloat16 themselves, widening each
-    element (exact) and rounding softmax and log_softmax to bfloat16 from float32, the
-    result torch's ``.to`` of a float32 result gives; a float16 tensor is widened to
-    float32 by torch first and the float32 result rounded to float16 (SPEC §3.4:
-    float32 arithmetic inside, or better)."""
+    the generic kernel must decide. The kernels read bfloat16 and float16 themselves,
+    widening each element (exact) and rounding softmax and log_softmax to its dtype
+    from float32, the result torch's ``.to`` of a float32 result gives (SPEC §3.4:
+    float32 arithmetic inside, or better); where the CPU has no float16 conversions a
+    float16 tensor is widened by torch first, with the same result."""
     torch = sys.modules["torch"]
-    if x.dtype == torch.float16 and not (x.requires_grad and torch.is_grad_enabled()):
+    if _widened_by_torch(x) and not (x.requires_grad and torch.is_grad_enabled()):
         view = numpy_view(x.float())
     else:
-        view = numpy_view(x, bfloat16_bits=True)
+        view = numpy_view(x, half_bits=True)
     if view is None:
         return False
     res = numpy_impl(view, *args, run=_on_torch_threads())
@@ -318,12 +322,17 @@ def _on_kernels(numpy_impl: Any, x: Any, *args: Any) -> Any:
     return _as_tensor(res, x.dtype)
 
 
+def _widened_by_torch(x: Any) -> bool:
+    """A float16 tensor where the kernels cannot convert float16 themselves."""
+    return x.dtype == sys.modules["torch"].float16 and not _compiled().FLOAT16_CONVERSIONS
+
+
 def _as_tensor(res: np.ndarray, dtype: Any) -> Any:
-    """A kernel's result as a torch tensor of ``dtype``: bfloat16 bits reinterpreted,
-    float32 rounded where ``dtype`` is narrower."""
+    """A kernel's result as a torch tensor of ``dtype``: half precision bits
+    reinterpreted, float32 rounded where ``dtype`` is narrower."""
     torch = sys.modules["torch"]
-    if res.dtype == _BFLOAT16_BITS:
-        return torch.from_numpy(res.view(np.int16)).view(torch.bfloat16)
+    if res.dtype in _BITS:
+        return torch.from_numpy(res.view(np.int16)).view(dtype)
     out = torch.from_numpy(res)
     return out if out.dtype == dtype else out.to(dtype)
 
@@ -444,14 +453,14 @@ def _torch_cross_entropy(
     # and the gradient are rounded to their dtype at the end (SPEC §3.4)
     if weight is None or w is not None:
         args = (t, axis, w, ignore_index, reduction, smoothing)
-        # float16 is widened by torch (recorded by autograd, which then makes
-        # numpy_view refuse it); the kernel reads bfloat16 bits itself
-        wide = x.float() if x.dtype == torch.float16 else x
-        view = numpy_view(wide, bfloat16_bits=True)  # None under autograd
+        # the kernel reads half precision bits itself, except float16 where it cannot
+        # (then widened by torch, recorded by autograd, which makes numpy_view refuse)
+        wide = x.float() if _widened_by_torch(x) else x
+        view = numpy_view(wide, half_bits=True)  # None under autograd
         if view is not None:
             res = _np_cross_entropy(view, *args, run=_on_torch_threads())
             return None if res is None else _as_tensor(res, x.dtype)
-        view = numpy_view(wide, attaches_grad=True, bfloat16_bits=True)
+        view = numpy_view(wide, attaches_grad=True, half_bits=True)
         if view is not None:
             # the gradient in torch's memory: a NumPy buffer of 16 MB handed to torch
             # and freed there was paged in afresh at every call (4900 page faults a

@@ -275,3 +275,44 @@ def test_bfloat16_conversions_are_torchs():
     narrow(values.astype(np.float64), out)  # the kernels put float64 values
     want = torch.from_numpy(values).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
     assert np.array_equal(out, want)
+
+
+def test_float16_conversions_are_torchs():
+    """Where the CPU converts float16 (F16C, AArch64; the CI machine does), the
+    kernels' float16 widening (all 65536 bit patterns but NaN) and rounding (float32
+    values at and around rounding ties, subnormals, the overflow edge) are torch's."""
+    torch = pytest.importorskip("torch")
+    import numba
+
+    if not ck.FLOAT16_CONVERSIONS:
+        pytest.fail("this CPU has no float16 conversions: the test needs one that has")
+
+    @numba.njit
+    def widen(bits, out):
+        for i in range(bits.shape[0]):
+            out[i] = ck._real(bits[i])
+
+    @numba.njit
+    def narrow(values, out):
+        for i in range(values.shape[0]):
+            ck._put(out, i, values[i])
+
+    bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.int16)
+    wide = np.empty(bits.size, np.float32)
+    widen(bits, wide)
+    want = torch.from_numpy(bits).view(torch.float16).float().numpy()
+    keep = ~np.isnan(want)
+    assert np.array_equal(wide[keep].view(np.uint32), want[keep].view(np.uint32))
+
+    rng = np.random.default_rng(6)
+    exps = rng.integers(-30, 17, 100_000)
+    values = np.ldexp(rng.uniform(1.0, 2.0, exps.size), exps)
+    halves = np.arange(0x7C00, dtype=np.int32).astype(np.int16).view(np.float16)  # finite
+    mids = (halves[:-1].astype(np.float64) + halves[1:]) / 2  # the ties, exact in float32
+    values = np.concatenate([values, mids, np.nextafter(mids, 0), np.nextafter(mids, 1)])
+    values = np.concatenate([values, -values, [65504.0, 65519.0, 65520.0, 1e6, 0.0, np.inf]])
+    values = values.astype(np.float32)
+    out = np.empty(values.size, np.int16)
+    narrow(values.astype(np.float64), out)
+    want = torch.from_numpy(values).to(torch.float16).view(torch.int16).numpy()
+    assert np.array_equal(out, want)

@@ -62,13 +62,20 @@ def _refuse(*args):
     raise AssertionError("ran on stablemath's pool, not on torch's team")
 
 
-def _bfloat16_bits(x):
-    return torch.from_numpy(x).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+def _bits(x, dtype):
+    """float32 rows as bfloat16 (uint16) or float16 (int16) bits."""
+    bits = torch.from_numpy(x).to(getattr(torch, dtype)).view(torch.int16).numpy()
+    return bits.view(np.uint16) if dtype == "bfloat16" else bits
 
 
 @pytest.mark.parametrize(
     ("rows", "out"),
-    [("float32", "float32"), ("float32", "float64"), ("bfloat16", "bfloat16")],
+    [
+        ("float32", "float32"),
+        ("float32", "float64"),
+        ("bfloat16", "bfloat16"),
+        ("float16", "float16"),
+    ],
 )
 @pytest.mark.parametrize(
     "kernel",
@@ -76,27 +83,29 @@ def _bfloat16_bits(x):
 )
 def test_the_team_gives_the_bits_of_one_call(kernel, rows, out, on_team):
     k = getattr(ck, kernel)
-    x = _rows(SHAPE) if rows == "float32" else _bfloat16_bits(_rows(SHAPE))
+    x = _rows(SHAPE) if rows == "float32" else _bits(_rows(SHAPE), rows)
     reduce = kernel == "logsumexp_rows"
-    dtype = {"float32": np.float32, "float64": np.float64, "bfloat16": np.uint16}[out]
-    if reduce and out == "bfloat16":
+    dtype = {"float32": np.float32, "float64": np.float64, "bfloat16": np.uint16}.get(
+        out, np.int16
+    )
+    if reduce and out in ("bfloat16", "float16"):
         dtype = np.float32  # one value a row: rounded by torch
     inv_t = 1.0 if reduce else 0.75
     whole = np.empty(SHAPE[0] if reduce else SHAPE, dtype)
     assert k(x, whole, 0, SHAPE[0], inv_t)
-    split = np.full_like(whole, 0x7FC0 if dtype == np.uint16 else np.nan)
+    split = np.full_like(whole, 0x7E00 if dtype in (np.uint16, np.int16) else np.nan)
     assert team.run_rows(k, x, split, inv_t)
     np.testing.assert_array_equal(split, whole)
 
 
-@pytest.mark.parametrize("rows", ["float32", "bfloat16"])
+@pytest.mark.parametrize("rows", ["float32", "bfloat16", "float16"])
 @pytest.mark.parametrize("with_grad", [False, True])
 @pytest.mark.parametrize("weighted", [False, True])
 def test_the_team_gives_the_cross_entropy_of_one_call(with_grad, weighted, rows, on_team):
     x = _rows(SHAPE)
     x[x == -np.inf] = -50.0
-    if rows == "bfloat16":
-        x = _bfloat16_bits(x)
+    if rows != "float32":
+        x = _bits(x, rows)
     rng = np.random.default_rng(3)
     t = rng.integers(0, SHAPE[1], SHAPE[0])
     t[::7] = -100

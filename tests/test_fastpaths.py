@@ -463,13 +463,18 @@ def test_compiled_kernels_take_torch_tensors_no_autodiff_sees(kernel_runs):
     assert kernel_runs == ["softmax_rows", "log_softmax_rows"] + ["softmax_rows"] * 2
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("shape", [(5, 7), (300, 500)])  # calling thread; torch's team
-def test_bfloat16_tensors_are_read_by_the_kernels(tb, shape, monkeypatch):
-    """bfloat16 tensors go to the kernels as their bits, with no float32 copy before
-    or after: the results are bit for bit those of the float32 tensor's, rounded to
-    bfloat16 (the route they took before: widened by torch, then rounded by torch),
-    with -inf entries, a temperature, another axis, and cross-entropy's gradient."""
-    from stablemath import _cpu_team
+def test_half_precision_tensors_are_read_by_the_kernels(tb, shape, dtype, monkeypatch):
+    """bfloat16 and float16 tensors go to the kernels as their bits, with no float32
+    copy before or after: the results are bit for bit those of the float32 tensor's,
+    rounded to the dtype (the route they took before: widened by torch, then rounded
+    by torch), with -inf entries, a temperature, another axis, and cross-entropy's
+    gradient. (float16 only where the CPU converts it, as on the CI machine.)"""
+    from stablemath import _cpu_kernels, _cpu_team
+
+    if dtype == "float16" and not _cpu_kernels.FLOAT16_CONVERSIONS:
+        pytest.fail("this CPU has no float16 conversions: the test needs one that has")
 
     torch = tb.module
     monkeypatch.delenv(_fastpaths.DISABLE_ENV, raising=False)
@@ -481,10 +486,10 @@ def test_bfloat16_tensors_are_read_by_the_kernels(tb, shape, monkeypatch):
 
     monkeypatch.setattr(_fastpaths, "_TEAM", spy)
     gen = torch.Generator().manual_seed(4)
-    x = (torch.randn(shape, generator=gen) * 6).to(torch.bfloat16)
+    half = getattr(torch, dtype)
+    x = (torch.randn(shape, generator=gen) * 6).to(half)
     x[::3, ::4] = -math.inf
     x32 = x.float()
-    bf16 = torch.bfloat16
     for func, kw in [
         ("softmax", {}),
         ("softmax", {"temperature": 0.7, "axis": 0}),
@@ -494,19 +499,19 @@ def test_bfloat16_tensors_are_read_by_the_kernels(tb, shape, monkeypatch):
         ("logsumexp", {"axis": 0, "keepdims": True}),
     ]:
         got = getattr(sm, func)(x, **kw)
-        assert got.dtype == bf16
-        assert torch.equal(got, getattr(sm, func)(x32, **kw).to(bf16)), (func, kw)
-    finite = torch.where(torch.isinf(x), torch.tensor(-30.0, dtype=bf16), x)
+        assert got.dtype == half
+        assert torch.equal(got, getattr(sm, func)(x32, **kw).to(half)), (func, kw)
+    finite = torch.where(torch.isinf(x), torch.tensor(-30.0, dtype=half), x)
     t = torch.randint(0, shape[1], (shape[0],), generator=gen)
     for kw in [{}, {"reduction": "none", "label_smoothing": 0.1}]:
-        want = sm.cross_entropy(finite.float(), t, **kw).to(bf16)
+        want = sm.cross_entropy(finite.float(), t, **kw).to(half)
         assert torch.equal(sm.cross_entropy(finite, t, **kw), want)
     xg, xf = finite.clone().requires_grad_(True), finite.float().requires_grad_(True)
     sm.cross_entropy(xg, t).backward()
     sm.cross_entropy(xf, t).backward()
-    assert xg.grad.dtype == bf16 and torch.equal(xg.grad, xf.grad.to(bf16))
+    assert xg.grad.dtype == half and torch.equal(xg.grad, xf.grad.to(half))
     # every bfloat16 call ran the kernels on the bits, every float32 one on float32
-    bits, f32 = np.dtype(np.uint16), np.dtype(np.float32)
+    bits, f32 = np.dtype(np.uint16 if dtype == "bfloat16" else np.int16), np.dtype(np.float32)
     assert rows == [bits, f32] * 6 + [f32, bits] * 2 + [bits, f32]
 
 

@@ -159,7 +159,7 @@ def can_inspect_values(x: Any) -> bool:
 
 
 def numpy_view(
-    x: Any, *, attaches_grad: bool = False, bfloat16_bits: bool = False
+    x: Any, *, attaches_grad: bool = False, half_bits: bool = False
 ) -> np.ndarray | None:
     """A NumPy array sharing the memory of the torch CPU tensor ``x``, or None where
     computing outside torch would lose something: ``x`` takes part in autograd
@@ -169,8 +169,9 @@ def numpy_view(
     (inside ``torch.autograd.forward_ad.dual_level``), or is a subclass other than
     ``Parameter``. The caller has checked the device and that no compiler traces.
 
-    NumPy has no bfloat16: such a tensor gives None, or with ``bfloat16_bits`` its
-    bits as a uint16 array (for the compiled kernels, which read them as bfloat16)."""
+    NumPy has no bfloat16: such a tensor gives None, or with ``half_bits`` its bits as
+    a uint16 array; with ``half_bits`` a float16 tensor gives its bits as int16 (for
+    the compiled kernels, which read both kinds of bits themselves)."""
     torch = sys.modules["torch"]
     if type(x) is not torch.Tensor and type(x) is not torch.nn.Parameter:
         return None
@@ -185,7 +186,9 @@ def numpy_view(
     if x.layout != torch.strided or x.is_neg():
         return None
     if x.dtype == torch.bfloat16:
-        return x.detach().view(torch.int16).numpy().view(np.uint16) if bfloat16_bits else None
+        return x.detach().view(torch.int16).numpy().view(np.uint16) if half_bits else None
+    if x.dtype == torch.float16 and half_bits:
+        return x.detach().view(torch.int16).numpy()
     return x.detach().numpy()
 
 
