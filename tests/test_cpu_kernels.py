@@ -225,11 +225,9 @@ def test_a_forked_child_gets_a_pool_of_its_own():
     assert done.returncode == 0
 
 
-def test_bfloat16_conversions_are_torchs():
-    """The kernels' bfloat16 widening (all 65536 bit patterns but NaN) and rounding
-    (float32 values at and around every rounding tie, subnormals, the overflow edge,
-    infinities, zeros) give torch's conversions bit for bit."""
-    torch = pytest.importorskip("torch")
+def _widened(bits):
+    """The kernels' float32 of each half precision bit pattern (uint16: bfloat16,
+    int16: float16)."""
     import numba
 
     @numba.njit
@@ -237,14 +235,32 @@ def test_bfloat16_conversions_are_torchs():
         for i in range(bits.shape[0]):
             out[i] = ck._real(bits[i])
 
+    out = np.empty(bits.size, np.float32)
+    widen(bits, out)
+    return out
+
+
+def _rounded(values, bits_dtype):
+    """The kernels' half precision bits of each float64 value (as they store them)."""
+    import numba
+
     @numba.njit
     def narrow(values, out):
         for i in range(values.shape[0]):
             ck._put(out, i, values[i])
 
+    out = np.empty(values.size, bits_dtype)
+    narrow(values, out)
+    return out
+
+
+def test_bfloat16_conversions_are_torchs():
+    """The kernels' bfloat16 widening (all 65536 bit patterns but NaN) and rounding
+    (float32 values at and around every rounding tie, subnormals, the overflow edge,
+    infinities, zeros) give torch's conversions bit for bit."""
+    torch = pytest.importorskip("torch")
     bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
-    wide = np.empty(bits.size, np.float32)
-    widen(bits, wide)
+    wide = _widened(bits)
     want = torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16).float().numpy()
     keep = ~np.isnan(want)
     assert np.array_equal(wide[keep].view(np.uint32), want[keep].view(np.uint32))
@@ -271,8 +287,7 @@ def test_bfloat16_conversions_are_torchs():
     )
     values = np.concatenate([patterns, near, edges]).view(np.float32)
     values = values[~np.isnan(values)]
-    out = np.empty(values.size, np.uint16)
-    narrow(values.astype(np.float64), out)  # the kernels put float64 values
+    out = _rounded(values.astype(np.float64), np.uint16)  # the kernels put float64 values
     want = torch.from_numpy(values).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
     assert np.array_equal(out, want)
 
@@ -282,24 +297,10 @@ def test_float16_conversions_are_torchs():
     kernels' float16 widening (all 65536 bit patterns but NaN) and rounding (float32
     values at and around rounding ties, subnormals, the overflow edge) are torch's."""
     torch = pytest.importorskip("torch")
-    import numba
-
     if not ck.FLOAT16_CONVERSIONS:
         pytest.fail("this CPU has no float16 conversions: the test needs one that has")
-
-    @numba.njit
-    def widen(bits, out):
-        for i in range(bits.shape[0]):
-            out[i] = ck._real(bits[i])
-
-    @numba.njit
-    def narrow(values, out):
-        for i in range(values.shape[0]):
-            ck._put(out, i, values[i])
-
     bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.int16)
-    wide = np.empty(bits.size, np.float32)
-    widen(bits, wide)
+    wide = _widened(bits)
     want = torch.from_numpy(bits).view(torch.float16).float().numpy()
     keep = ~np.isnan(want)
     assert np.array_equal(wide[keep].view(np.uint32), want[keep].view(np.uint32))
@@ -312,7 +313,6 @@ def test_float16_conversions_are_torchs():
     values = np.concatenate([values, mids, np.nextafter(mids, 0), np.nextafter(mids, 1)])
     values = np.concatenate([values, -values, [65504.0, 65519.0, 65520.0, 1e6, 0.0, np.inf]])
     values = values.astype(np.float32)
-    out = np.empty(values.size, np.int16)
-    narrow(values.astype(np.float64), out)
+    out = _rounded(values.astype(np.float64), np.int16)
     want = torch.from_numpy(values).to(torch.float16).view(torch.int16).numpy()
     assert np.array_equal(out, want)
