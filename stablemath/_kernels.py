@@ -239,13 +239,19 @@ def softmax(x: Any, /, *, axes: tuple[int, ...], live: Any, compensate: bool, xp
     # carried as pairs, and the quotient is corrected by its exact residual
     # (:func:`_divide_pairs`), so each probability has the error of ``exp`` plus one
     # final rounding. Z = 0 only in an all -inf slice (E = 0).
-    hi, lo = _accurate_sum(e + e * low, axes, xp=xp)
     # The corrections of the quotient are about 2**-24 of it: for a float32
     # probability below 1e-31 they are subnormal, and a backend that flushes subnormals
-    # (XLA on CPU) would drop them (58 ulp at 7e-37). The numerator is divided scaled
-    # by 2**64 (exact, E <= 1), and the quotient scaled back exactly.
+    # (XLA on CPU) would drop them (58 ulp at 7e-37). So E is formed scaled by 2**64
+    # (exact, E <= 1), summed so, the two numbers of the total scaled back (exact: the
+    # total is at least 1), and the quotient too. One product E * low serves the sum
+    # and the quotient: a second one, unscaled, for the sum made XLA run the two
+    # branches as concurrent fusions, and a 1x10 softmax under jit took 7-54 us
+    # instead of 4.6.
     es = e * _QUOTIENT_SCALE
-    q = _divide_pairs(es, es * low, xp.where(hi == 0, 1.0, hi), lo, xp=xp)
+    es_lo = es * low
+    hi, lo = _accurate_sum(es + es_lo, axes, xp=xp)
+    hi, lo = hi * (1.0 / _QUOTIENT_SCALE), lo * (1.0 / _QUOTIENT_SCALE)
+    q = _divide_pairs(es, es_lo, xp.where(hi == 0, 1.0, hi), lo, xp=xp)
     return q * (1.0 / _QUOTIENT_SCALE)
 
 
