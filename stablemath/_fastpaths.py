@@ -153,8 +153,8 @@ def _on_torch_threads() -> Any:
 
 def _as_rows(x: np.ndarray, axis: int) -> tuple[np.ndarray, tuple[int, ...]]:
     """The slices of ``x`` along ``axis`` as the rows of a C-contiguous float32 array,
-    or of bfloat16 bits (a view when ``axis`` is the last one of a contiguous array of
-    either, else one copy), and the shape of ``x`` with ``axis`` moved last."""
+    or of half precision bits (a view when ``axis`` is the last one of a contiguous
+    array of either, else one copy), and the shape of ``x`` with ``axis`` moved last."""
     if axis == x.ndim - 1:
         shape = x.shape
     else:  # np.moveaxis costs 2-3 us: too much to pay for the common case
@@ -170,9 +170,9 @@ def _as_rows(x: np.ndarray, axis: int) -> tuple[np.ndarray, tuple[int, ...]]:
 def _np_normalise(
     kernel: Any, x: np.ndarray, axis: int, t: float, run: Any = None
 ) -> np.ndarray | None:
-    """softmax or log_softmax; float16 results are rounded once, from float64, and
-    half precision bits give bits of the same. ``run`` runs the kernel over the rows (default
-    :func:`stablemath._cpu_kernels.run_rows`)."""
+    """softmax or log_softmax; NumPy float16 results are rounded once, from float64,
+    and half precision bits give bits of the same. ``run`` runs the kernel over the
+    rows (default :func:`stablemath._cpu_kernels.run_rows`)."""
     wide = x.dtype == np.float16
     rows, shape = _as_rows(x, axis)
     out = np.empty(shape, dtype=np.float64 if wide else rows.dtype)
@@ -301,8 +301,8 @@ def _precomputed_grad() -> Any:
 
 
 def _on_kernels(numpy_impl: Any, x: Any, *args: Any) -> Any:
-    """``numpy_impl`` on the memory of a float32 or half precision tensor that no autodiff
-    or transform sees (:func:`~stablemath._lib._compat.numpy_view`), as a tensor;
+    """``numpy_impl`` on the memory of a float32 or half precision tensor that no
+    autodiff or transform sees (:func:`~stablemath._lib._compat.numpy_view`), as a tensor;
     ``False`` where that does not apply (the torch-op path below then runs), None where
     the generic kernel must decide. The kernels read bfloat16 and float16 themselves,
     widening each element (exact) and rounding softmax and log_softmax to its dtype
