@@ -28,6 +28,9 @@ softmax of a fresh install took 0.9 s (log_softmax 0.4, logsumexp 0.1, cross-ent
 For torch tensors, the function that runs a kernel on torch's threads
 (:mod:`stablemath._cpu_team`) is compiled at the first use of that kernel as well: the
 first softmax of a torch tensor in a fresh install took 2.7 s, in a new process 0.6 s.
+bfloat16 and float16 rows are kernels of their own, compiled at their first use too:
+the first bfloat16 softmax of a fresh install took 2.2 s, in a new process 0.9 s
+(300x500 tensors, ``NUMBA_CACHE_DIR`` empty and then filled).
 """
 
 from __future__ import annotations
