@@ -100,89 +100,65 @@ def _rows_of(element: Any) -> Any:
     return rows_of
 
 
+# Each kernel's block function runs it on the rows [r0, r1), its arrays read out of
+# the argument block, and says whether they were all for the kernels.
+
+
 # softmax and log_softmax: word 6 says whether out is float64 (for float16 inputs),
 # word 7 holds inv_t; rows of bfloat16 or float16 bits have outputs of the same
-def _normalise_body(kernel: Any, element: Any) -> Any:
-    rows_of = _rows_of(element)
+def _normalise_block(kernel: Any, element: Any) -> Any:
     bits = element is not np.float32
 
     @numba.njit(cache=True)
-    def body(a: Any, f: Any) -> None:
-        x = rows_of(a)
-        rows, n, step = a[_ROWS], a[_N], a[_STEP]
-        out64 = numba.carray(_address(a[_OUT]), (rows, n), np.float64)
-        out32 = numba.carray(_address(a[_OUT]), (rows, n), np.float32)
-        out16 = numba.carray(_address(a[_OUT]), (rows, n), element)
-        while True:
-            r0 = _claim(a)
-            if r0 < 0:
-                return
-            r1 = min(r0 + step, rows)
-            if bits:
-                ok = kernel(x, out16, r0, r1, f[7])
-            elif a[6]:
-                ok = kernel(x, out64, r0, r1, f[7])
-            else:
-                ok = kernel(x, out32, r0, r1, f[7])
-            if not ok:
-                _fail(a)
+    def block(a: Any, f: Any, x: Any, r0: int, r1: int) -> bool:
+        shape = (a[_ROWS], a[_N])
+        out = _address(a[_OUT])
+        if bits:
+            return kernel(x, numba.carray(out, shape, element), r0, r1, f[7])
+        if a[6]:
+            return kernel(x, numba.carray(out, shape, np.float64), r0, r1, f[7])
+        return kernel(x, numba.carray(out, shape, np.float32), r0, r1, f[7])
 
-    return body
+    return block
 
 
-def _logsumexp_body(element: Any) -> Any:
+# logsumexp: word 6 says whether out is float64
+@numba.njit(cache=True)
+def _logsumexp_block(a: Any, f: Any, x: Any, r0: int, r1: int) -> bool:
+    out = _address(a[_OUT])
+    if a[6]:
+        return ck.logsumexp_rows(x, numba.carray(out, (a[_ROWS],), np.float64), r0, r1, 1.0)
+    return ck.logsumexp_rows(x, numba.carray(out, (a[_ROWS],), np.float32), r0, r1, 1.0)
+
+
+# cross-entropy: words 6-12: target, weight and its length, ignore_index, grad and its
+# two dimensions; 13 and 14: smoothing and scale (float64); out is float64
+@numba.njit(cache=True)
+def _cross_entropy_block(a: Any, f: Any, x: Any, r0: int, r1: int) -> bool:
+    rows = a[_ROWS]
+    loss = numba.carray(_address(a[_OUT]), (rows,), np.float64)
+    target = numba.carray(_address(a[6]), (rows,), np.int64)
+    weight = numba.carray(_address(a[7]), (a[8],), np.float64)
+    grad = numba.carray(_address(a[10]), (a[11], a[12]), np.float32)
+    return ck.cross_entropy_rows(x, loss, r0, r1, target, weight, a[9], f[13], grad, f[14])
+
+
+def _team(block: Any, element: Any) -> Any:
+    """The team's function for ``block`` on rows of ``element``: every thread takes
+    blocks of rows until none is left, and reports a row that is not for the kernels.
+    It receives the argument block, read as int64 and as float64 words."""
     rows_of = _rows_of(element)
 
     @numba.njit(cache=True)
     def body(a: Any, f: Any) -> None:
-        # word 6: out is float64
         x = rows_of(a)
         rows, step = a[_ROWS], a[_STEP]
-        out64 = numba.carray(_address(a[_OUT]), (rows,), np.float64)
-        out32 = numba.carray(_address(a[_OUT]), (rows,), np.float32)
         while True:
             r0 = _claim(a)
             if r0 < 0:
                 return
-            r1 = min(r0 + step, rows)
-            if a[6]:
-                ok = ck.logsumexp_rows(x, out64, r0, r1, 1.0)
-            else:
-                ok = ck.logsumexp_rows(x, out32, r0, r1, 1.0)
-            if not ok:
+            if not block(a, f, x, r0, min(r0 + step, rows)):
                 _fail(a)
-
-    return body
-
-
-def _cross_entropy_body(element: Any) -> Any:
-    rows_of = _rows_of(element)
-
-    @numba.njit(cache=True)
-    def body(a: Any, f: Any) -> None:
-        # words 6-12: target, weight and its length, ignore_index, grad and its two
-        # dimensions; 13 and 14: smoothing and scale (float64); out is float64
-        x = rows_of(a)
-        rows, step = a[_ROWS], a[_STEP]
-        loss = numba.carray(_address(a[_OUT]), (rows,), np.float64)
-        target = numba.carray(_address(a[6]), (rows,), np.int64)
-        weight = numba.carray(_address(a[7]), (a[8],), np.float64)
-        grad = numba.carray(_address(a[10]), (a[11], a[12]), np.float32)
-        while True:
-            r0 = _claim(a)
-            if r0 < 0:
-                return
-            r1 = min(r0 + step, rows)
-            if not ck.cross_entropy_rows(
-                x, loss, r0, r1, target, weight, a[9], f[13], grad, f[14]
-            ):
-                _fail(a)
-
-    return body
-
-
-def _team(body: Any) -> Any:
-    """The team's function: the argument block's words, as int64 and as float64."""
 
     def team(data: Any) -> None:
         body(numba.carray(data, (_SLOTS,), np.int64), numba.carray(data, (_SLOTS,), np.float64))
@@ -192,13 +168,13 @@ def _team(body: Any) -> Any:
 
 # (kernel, element type of the rows) -> the team's function, compiled at first use
 _BODIES = {
-    (kernel, element): _team(make(element))
+    (kernel, element): _team(make(element), element)
     for element in (np.float32, np.uint16, np.int16)
     for kernel, make in (
-        (ck.softmax_rows, lambda e: _normalise_body(ck.softmax_rows, e)),
-        (ck.log_softmax_rows, lambda e: _normalise_body(ck.log_softmax_rows, e)),
-        (ck.logsumexp_rows, _logsumexp_body),
-        (ck.cross_entropy_rows, _cross_entropy_body),
+        (ck.softmax_rows, lambda e: _normalise_block(ck.softmax_rows, e)),
+        (ck.log_softmax_rows, lambda e: _normalise_block(ck.log_softmax_rows, e)),
+        (ck.logsumexp_rows, lambda e: _logsumexp_block),
+        (ck.cross_entropy_rows, lambda e: _cross_entropy_block),
     )
 }
 _CFUNCS: dict[Any, Any] = {}
