@@ -1,7 +1,8 @@
 """Compiled CPU row kernels (Numba) behind the fast paths of :mod:`stablemath._fastpaths`.
 
 Each kernel takes a C-contiguous ``(rows, n)`` float32 array (or uint16 holding
-bfloat16, int16 holding float16: see :data:`BFLOAT16`) whose rows are the slices along the reduced axis, and handles the rows ``[r0, r1)``, so that
+bfloat16 bits, int16 holding float16 bits: see "elements" below) whose rows are the
+slices along the reduced axis, and handles the rows ``[r0, r1)``, so that
 :func:`run_rows` can split the rows over threads (the kernels release the GIL). A row
 with a NaN or a maximum ``m`` that is not finite stops the kernel, which returns False:
 such rows are for the generic kernel.
@@ -47,8 +48,6 @@ from numba import types
 from numba.extending import intrinsic, overload
 
 __all__ = [
-    "BFLOAT16",
-    "FLOAT16",
     "FLOAT16_CONVERSIONS",
     "cross_entropy_rows",
     "log_softmax_rows",
@@ -141,10 +140,9 @@ def _exp_nonpos(d: float) -> float:
     return (1.0 + r * g) * _float64_from_bits(_bits_of_float64(shifted) << 52)
 
 
-# --- elements: float32, or bfloat16 held as its bits in uint16 --------------------------
+# --- elements: float32, or half precision held as its bits ------------------------------
 #
-# torch's bfloat16 has no NumPy dtype; its memory is read as uint16 (the BFLOAT16 dtype
-# below) and the kernels widen each element on the way in, exactly (a bfloat16 is the
+# torch's bfloat16 has no NumPy dtype; its memory is read as uint16 and the kernels widen each element on the way in, exactly (a bfloat16 is the
 # top half of a float32), and round softmax and log_softmax outputs to bfloat16 on the
 # way out. That spares the two passes of widening the tensor to float32 first and
 # rounding the float32 result after (0.34 and 0.25 ms of the 2.1 ms of a 4096x1000
@@ -156,12 +154,10 @@ def _exp_nonpos(d: float) -> float:
 # -> 1.26, log_softmax 2.3-2.9 -> 1.70-1.78, logsumexp 1.06-1.09 -> 0.80, cross-entropy
 # forward 1.7-1.9 -> 1.33-1.36, forward and backward 1.6 -> 1.45. The results are the
 # same bits as before.
-
-BFLOAT16 = np.dtype(np.uint16)
+#
 # float16 tensors likewise as int16, where the CPU converts float16 in hardware (F16C
 # on x86-64, any AArch64): elsewhere LLVM would call helper functions that Numba does
-# not link, so float16 tensors are widened by torch there instead
-FLOAT16 = np.dtype(np.int16)
+# not link, so float16 tensors are widened by torch there instead.
 
 
 def _has_float16_conversions() -> bool:

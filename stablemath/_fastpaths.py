@@ -89,8 +89,7 @@ __all__ = ["DISABLE_ENV", "cross_entropy", "enabled", "log_softmax", "logsumexp"
 DISABLE_ENV = "STABLEMATH_DISABLE_FASTPATHS"
 _NUMPY_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
 # half precision tensors reach the kernels as their bits (numpy_view's half_bits):
-# bfloat16 in uint16, float16 in int16 (stablemath._cpu_kernels.BFLOAT16 and FLOAT16,
-# not imported here: see _compiled)
+# bfloat16 in uint16, float16 in int16, the element types the kernels read as such
 _BFLOAT16_BITS = np.dtype(np.uint16)
 _FLOAT16_BITS = np.dtype(np.int16)
 _BITS = (_BFLOAT16_BITS, _FLOAT16_BITS)
