@@ -280,8 +280,10 @@ def run_rows(kernel: Any, x: np.ndarray, out: np.ndarray, *params: Any) -> bool:
     """:func:`stablemath._cpu_kernels.run_rows` on torch's threads (as many as
     ``torch.get_num_threads()``); on stablemath's own pool where :func:`available` is
     False, and on the calling thread alone for small arrays."""
+    if x.size < 2 * ck._MIN_PARALLEL:  # first, and directly: a 1x10 call pays no more
+        return bool(kernel(x, out, 0, x.shape[0], *params))
     gomp = _find()
-    if not gomp or x.size < 2 * ck._MIN_PARALLEL:
+    if not gomp:
         return ck.run_rows(kernel, x, out, *params)
     threads = sys.modules["torch"].get_num_threads()
     if threads <= 1:

@@ -74,19 +74,20 @@ and 57 ulp, this module's results by 0.5 (``python benchmarks/accuracy.py``).
 
 from __future__ import annotations
 
+import functools
 import math
-import os
 import sys
 from typing import Any
 
 import numpy as np
 
 from . import _triton
+from ._lib import _env
 from ._lib._compat import can_inspect_values, finish, numpy_view
 
-__all__ = ["DISABLE_ENV", "cross_entropy", "enabled", "log_softmax", "logsumexp", "softmax"]
+__all__ = ["DISABLE_ENV", "cross_entropy", "log_softmax", "logsumexp", "softmax"]
 
-DISABLE_ENV = "STABLEMATH_DISABLE_FASTPATHS"
+DISABLE_ENV = "STABLEMATH_DISABLE_FASTPATHS"  # "1": off (read at each call)
 _NUMPY_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
 # half precision tensors reach the kernels as their bits (numpy_view's half_bits):
 # bfloat16 in uint16, float16 in int16, the element types the kernels read as such
@@ -97,24 +98,33 @@ _NO_WEIGHT = np.empty(0)  # the kernels' "no class weights" and "no gradient"
 _NO_GRAD = np.empty((0, 0), np.float32)
 
 
-def enabled() -> bool:
-    """False when ``STABLEMATH_DISABLE_FASTPATHS=1`` (read at each call)."""
-    return os.environ.get(DISABLE_ENV, "") != "1"
+_TORCH_FLOATS: tuple[Any, ...] = ()
+
+
+def _torch_floats() -> tuple[Any, ...]:
+    """float32, float16 and bfloat16 of torch, once torch is imported."""
+    global _TORCH_FLOATS
+    torch = sys.modules["torch"]
+    _TORCH_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+    return _TORCH_FLOATS
 
 
 def _kind(x: Any) -> str | None:
     """``"numpy"`` or ``"torch"`` where a fast path applies to ``x``'s type, dtype and
     device, else None."""
     if type(x) is np.ndarray:
-        return "numpy" if x.dtype in _NUMPY_DTYPES and enabled() else None
+        return "numpy" if x.dtype in _NUMPY_DTYPES and not _env.flag(DISABLE_ENV) else None
     torch = sys.modules.get("torch")
     if torch is None or not isinstance(x, torch.Tensor):
         return None
-    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16) or x.device.type != "cpu":
+    if not x.is_cpu or x.dtype not in (_TORCH_FLOATS or _torch_floats()):
         return None
-    if not enabled() or not can_inspect_values(x):
+    # the compiler's check first: torch.compile need not trace the environment reads
+    # (whether a value can be read under torch.func is _dispatch's to ask, for the
+    # one path that reads values)
+    if torch.compiler.is_compiling() or _env.flag(DISABLE_ENV):
         return None
-    if os.environ.get("TRITON_INTERPRET", "") == "1" and _triton.supports(x):
+    if _env.flag("TRITON_INTERPRET") and _triton.supports(x):
         return None  # the Triton kernels' own tests run them on CPU tensors
     return "torch"
 
@@ -154,40 +164,42 @@ def _as_rows(x: np.ndarray, axis: int) -> tuple[np.ndarray, tuple[int, ...]]:
     """The slices of ``x`` along ``axis`` as the rows of a C-contiguous float32 array,
     or of half precision bits (a view when ``axis`` is the last one of a contiguous
     array of either, else one copy), and the shape of ``x`` with ``axis`` moved last."""
-    if axis == x.ndim - 1:
-        shape = x.shape
-    else:  # np.moveaxis costs 2-3 us: too much to pay for the common case
+    shape = x.shape
+    common = len(shape) == 2 and axis == 1 and x.flags.c_contiguous
+    if common and (x.dtype == np.float32 or x.dtype in _BITS):
+        return x, shape  # the common call: the array as it is
+    if axis != x.ndim - 1:  # np.moveaxis costs 2-3 us: too much to pay for the common case
         x = np.moveaxis(x, axis, -1)
         shape = x.shape
     if x.dtype in _BITS:
         x = np.ascontiguousarray(x)
     elif x.dtype != np.float32 or not x.flags.c_contiguous:
         x = np.ascontiguousarray(x, dtype=np.float32)
-    return x.reshape(-1, shape[-1]), shape
+    return (x if x.ndim == 2 else x.reshape(-1, shape[-1])), shape
 
 
 def _np_normalise(
-    kernel: Any, x: np.ndarray, axis: int, t: float, run: Any = None
+    kernel: str, x: np.ndarray, axis: int, t: float, run: Any = None
 ) -> np.ndarray | None:
-    """softmax or log_softmax; NumPy float16 results are rounded once, from float64,
-    and half precision bits give bits of the same. ``run`` runs the kernel over the
-    rows (default :func:`stablemath._cpu_kernels.run_rows`)."""
+    """softmax or log_softmax by the kernel named ``kernel``; NumPy float16 results
+    are rounded once, from float64, and half precision bits give bits of the same.
+    ``run`` runs the kernel over the rows (default
+    :func:`stablemath._cpu_kernels.run_rows`)."""
+    compiled = _COMPILED or _compiled()
     wide = x.dtype == np.float16
     rows, shape = _as_rows(x, axis)
     out = np.empty(shape, dtype=np.float64 if wide else rows.dtype)
-    if not (run or _compiled().run_rows)(kernel, rows, out.reshape(rows.shape), 1.0 / t):
+    flat = out if out.ndim == 2 else out.reshape(rows.shape)
+    if not (run or compiled.run_rows)(getattr(compiled, kernel), rows, flat, 1.0 / t):
         return None
     if axis != x.ndim - 1:
         out = np.moveaxis(out, -1, axis)
     return finish(out, x.dtype, np) if wide else out
 
 
-def _np_softmax(x: np.ndarray, axis: int, t: float, run: Any = None) -> np.ndarray | None:
-    return _np_normalise(_compiled().softmax_rows, x, axis, t, run)
-
-
-def _np_log_softmax(x: np.ndarray, axis: int, t: float, run: Any = None) -> np.ndarray | None:
-    return _np_normalise(_compiled().log_softmax_rows, x, axis, t, run)
+# (partial objects: a call through one costs less than through a Python function)
+_np_softmax = functools.partial(_np_normalise, "softmax_rows")
+_np_log_softmax = functools.partial(_np_normalise, "log_softmax_rows")
 
 
 def _np_logsumexp(x: np.ndarray, axis: int, keepdims: bool, run: Any = None) -> np.ndarray | None:
@@ -299,26 +311,19 @@ def _precomputed_grad() -> Any:
 # --- PyTorch (CPU) ------------------------------------------------------------------------
 
 
-def _on_kernels(numpy_impl: Any, x: Any, *args: Any) -> Any:
-    """``numpy_impl`` on the memory of a float32 or half precision tensor that no
-    autodiff or transform sees (:func:`~stablemath._lib._compat.numpy_view`), as a tensor;
-    ``False`` where that does not apply (the torch-op path below then runs), None where
-    the generic kernel must decide. The kernels read bfloat16 and float16 themselves,
-    widening each element (exact) and rounding softmax and log_softmax to its dtype
-    from float32, the result torch's ``.to`` of a float32 result gives (SPEC §3.4:
-    float32 arithmetic inside, or better); where the CPU has no float16 conversions a
-    float16 tensor is widened by torch first, with the same result."""
+def _torch_view(x: Any) -> np.ndarray | None:
+    """The memory of a float32 or half precision tensor that no autodiff or transform
+    sees (:func:`~stablemath._lib._compat.numpy_view`), for the compiled kernels, or
+    None (torch's ops then run). Half precision comes as its bits: the kernels read
+    bfloat16 and float16 themselves, widening each element (exact) and rounding
+    softmax and log_softmax to its dtype from float32, the result torch's ``.to`` of a
+    float32 result gives (SPEC §3.4: float32 arithmetic inside, or better); where the
+    CPU has no float16 conversions a float16 tensor is widened by torch first, with
+    the same result."""
+    if x.dtype is not sys.modules["torch"].float16 or not _widened_by_torch(x):
+        return numpy_view(x, half_bits=True)
     torch = sys.modules["torch"]
-    if _widened_by_torch(x) and not (x.requires_grad and torch.is_grad_enabled()):
-        view = numpy_view(x.float())
-    else:
-        view = numpy_view(x, half_bits=True)
-    if view is None:
-        return False
-    res = numpy_impl(view, *args, run=_on_torch_threads())
-    if res is None:
-        return None
-    return _as_tensor(res, x.dtype)
+    return None if x.requires_grad and torch.is_grad_enabled() else numpy_view(x.float())
 
 
 def _widened_by_torch(x: Any) -> bool:
@@ -366,9 +371,6 @@ def _torch_log_total(d: Any, axis: int) -> Any:
 
 
 def _torch_softmax(x: Any, axis: int, t: float) -> Any:
-    done = _on_kernels(_np_softmax, x, axis, t)
-    if done is not False:
-        return done
     torch = sys.modules["torch"]
     if x.numel() and _torch_max(x, axis) is None:
         return None
@@ -388,9 +390,6 @@ _TINY = 2.0**-20
 
 
 def _torch_log_softmax(x: Any, axis: int, t: float) -> Any:
-    done = _on_kernels(_np_log_softmax, x, axis, t)
-    if done is not False:
-        return done
     torch = sys.modules["torch"]
     out = torch.log_softmax(x if t == 1.0 else x.double() / t, dim=axis, dtype=torch.float64)
     # one global maximum tells both: NaN (a slice with a NaN or a non-finite maximum,
@@ -408,9 +407,6 @@ def _torch_log_softmax(x: Any, axis: int, t: float) -> Any:
 
 
 def _torch_logsumexp(x: Any, axis: int, keepdims: bool) -> Any:
-    done = _on_kernels(_np_logsumexp, x, axis, keepdims)
-    if done is not False:
-        return done
     torch = sys.modules["torch"]
     res = torch.logsumexp(x.double(), dim=axis, keepdim=keepdims)
     if res.numel():
@@ -520,17 +516,37 @@ def _torch_ce_float64(
 # --- dispatch -------------------------------------------------------------------------------
 
 
-def _dispatch(numpy_impl: Any, torch_impl: Any, x: Any, *args: Any) -> Any:
+def _dispatch(numpy_impl: Any, torch_ops: Any, x: Any, axis: int, *args: Any) -> Any:
+    """``numpy_impl(x, axis % x.ndim, *args)`` for a NumPy array or the memory of a
+    torch tensor (:func:`_torch_view`, the result wrapped as a tensor), else
+    ``torch_ops`` for a torch tensor whose values can be read; None where no fast path
+    applies (``axis`` not one of the axes of ``x``, or an empty one: the facade raises,
+    or gives the empty result), or where the generic kernel must decide.
+
+    One function for the three normalisers: on a 1x10 tensor each Python call costs
+    0.1-0.3 us, and the layers of calls were most of the call overhead."""
     kind = _kind(x)
-    if kind == "numpy":
-        return numpy_impl(x, *args)
-    if kind == "torch":
-        return torch_impl(x, *args)
-    return None
+    if kind is None:
+        return None
+    view = x if kind == "numpy" else _torch_view(x)
+    shape = x.shape if view is None else view.shape  # (a NumPy shape costs less)
+    ndim = len(shape)
+    if not -ndim <= axis < ndim or shape[axis] == 0:
+        return None
+    axis %= ndim
+    if view is x:
+        return numpy_impl(x, axis, *args)
+    if view is None:
+        # torch's ops read a value or two (.item()): not for a tensor torch.func.vmap
+        # batches, which the generic kernel takes
+        return torch_ops(x, axis, *args) if can_inspect_values(x) else None
+    res = numpy_impl(view, axis, *args, _TEAM or _on_torch_threads())
+    return None if res is None else _as_tensor(res, x.dtype)
 
 
 def softmax(x: Any, axis: int, temperature: float) -> Any:
-    """``softmax(x / temperature)`` along ``axis``, or None where no fast path applies."""
+    """``softmax(x / temperature)`` along ``axis`` (an int, possibly negative or out of
+    range), or None where no fast path applies."""
     return _dispatch(_np_softmax, _torch_softmax, x, axis, temperature)
 
 
@@ -558,5 +574,8 @@ def cross_entropy(
     kernel for NumPy arrays and float32 tensors outside autodiff, torch's
     ``cross_entropy`` in float64 for other torch CPU tensors; None where the generic
     kernel must decide (see above)."""
-    args = (x, target, axis, weight, ignore_index, reduction, label_smoothing)
-    return _dispatch(_np_cross_entropy, _torch_cross_entropy, *args)
+    kind = _kind(x)
+    if kind is None:
+        return None
+    impl = _np_cross_entropy if kind == "numpy" else _torch_cross_entropy
+    return impl(x, target, axis, weight, ignore_index, reduction, label_smoothing)

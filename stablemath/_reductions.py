@@ -64,14 +64,13 @@ def _normalize(
 ) -> Array:
     """softmax and log_softmax: validate, then run the Triton kernels (torch tensors on
     a GPU) or the array-API kernel ``_kernels.<func>`` in the computing dtype."""
-    xp, (x, where) = array_namespace(x, where)
     t = check_temperature(temperature)
-    if where is None and dtype is None and type(axis) is int and -x.ndim <= axis < x.ndim:
-        ax = axis % x.ndim
-        if x.shape[ax] > 0:
-            fast = getattr(_fastpaths, func)(x, ax, t)
-            if fast is not None:
-                return fast
+    if where is None and dtype is None and type(axis) is int:
+        # before the namespace: the fast paths take NumPy arrays and torch tensors only
+        fast = getattr(_fastpaths, func)(x, axis, t)
+        if fast is not None:
+            return fast
+    xp, (x, where) = array_namespace(x, where)
     check_complex(xp, x, func)
     out_dtype = float_dtype(xp, x) if dtype is None else dtype
     if dtype_kind(xp, out_dtype) != "real":
@@ -293,17 +292,17 @@ def logsumexp(
     >>> sm.logsumexp(np.array([1.0, 2.0]), b=np.array([1.0, -1.0]), return_sign=True)
     (array(1.54132485), array(-1.))
     """
+    if b is None and where is None and not return_sign and type(axis) is int:
+        # before the namespace: the fast paths take NumPy arrays and torch tensors only
+        fast = _fastpaths.logsumexp(x, axis, keepdims)
+        if fast is not None:
+            return fast
     xp, (x, b, where) = array_namespace(x, b, where)
     if b is None and not return_sign and _triton.supports(x):
         if where is not None:
             where = _check_mask(xp, where, tuple(x.shape))
         axes = normalize_axis(axis, x.ndim)
         return _triton.logsumexp(x, axis=axes, keepdims=keepdims, where=where)
-    simple = b is None and where is None and not return_sign and type(axis) is int
-    if simple and -x.ndim <= axis < x.ndim and x.shape[axis] > 0:
-        fast = _fastpaths.logsumexp(x, axis % x.ndim, keepdims)
-        if fast is not None:
-            return fast
     dt = float_dtype(xp, x)
     work = compute_dtype(xp, dt, device=device(x))
     if x.dtype != work:

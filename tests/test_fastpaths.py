@@ -103,6 +103,25 @@ def test_switch_turns_the_fast_paths_off(fb, func, generic_calls, monkeypatch):
     assert generic_calls == [func]
 
 
+def test_switch_is_read_at_each_call(monkeypatch):
+    """The switches are read from the environment as it is at the call (the cheap read
+    of stablemath/_lib/_env.py), after every change through os.environ, and
+    through os.environ.get where the environment has no dictionary of its own."""
+    from stablemath._lib import _env
+
+    name = "STABLEMATH_TEST_SWITCH"
+    monkeypatch.delenv(name, raising=False)
+    seen = [_env.flag(name)]
+    for value in ("1", "0", "", "1"):
+        monkeypatch.setenv(name, value)
+        seen.append(_env.flag(name))
+    os.environ.pop(name)
+    seen.append(_env.flag(name))
+    assert seen == [False, True, False, False, True, False]
+    monkeypatch.setattr(os, "environ", {name: "1"})  # no _data: os.environ.get
+    assert _env.flag(name) and not _env.flag(name, "2")
+
+
 @pytest.mark.parametrize("func", FUNCS)
 def test_paths_agree(fb, func, monkeypatch):
     """Same values on both paths, to within an ulp of float32 (both are within an ulp
@@ -406,17 +425,22 @@ def test_cross_entropy_kernel_second_derivative(tb, monkeypatch):
 
 @pytest.fixture
 def kernel_runs(monkeypatch):
-    """Count the runs of the compiled row kernels (stablemath/_cpu_kernels.py)."""
-    from stablemath import _cpu_kernels
+    """Count the runs of the compiled row kernels (stablemath/_cpu_kernels.py) that the
+    fast paths ask for: through the NumPy runner and through torch's team (which runs
+    small arrays itself; a large one it may hand to the NumPy runner, counted twice)."""
+    from stablemath import _cpu_kernels, _cpu_team
 
     runs = []
-    real = _cpu_kernels.run_rows
 
-    def spy(kernel, *args):
-        runs.append(kernel.__name__)
-        return real(kernel, *args)
+    def spying(real):
+        def spy(kernel, *args):
+            runs.append(kernel.__name__)
+            return real(kernel, *args)
 
-    monkeypatch.setattr(_cpu_kernels, "run_rows", spy)
+        return spy
+
+    monkeypatch.setattr(_cpu_kernels, "run_rows", spying(_cpu_kernels.run_rows))
+    monkeypatch.setattr(_fastpaths, "_TEAM", spying(_cpu_team.run_rows))
     monkeypatch.delenv(_fastpaths.DISABLE_ENV, raising=False)
     return runs
 

@@ -118,6 +118,8 @@ def array_namespace(*args: Any) -> tuple[Any, list[Any]]:
         xp = _lookup(np.empty(0))[0]
         return xp, [None if a is None else np.asarray(a) for a in args]
     first, (xp, lib) = found[0]
+    if len(found) == 1 and all(a is None or a is first for a in args):
+        return xp, list(args)  # the common call: one array, nothing to convert
     for other, (other_xp, other_lib) in found[1:]:
         if other_xp is not xp and other_lib != lib:
             msg = (
@@ -146,7 +148,7 @@ def can_inspect_values(x: Any) -> bool:
         return not isinstance(x, sys.modules["jax"].core.Tracer)
     if lib == "torch":
         torch = sys.modules["torch"]
-        if torch.compiler.is_compiling() or x.device.type == "meta":
+        if torch.compiler.is_compiling() or x.is_meta:
             return False
         # torch.func.vmap cannot read one value of a batch (.item()); grad and jvp can
         functorch = torch._C._functorch
@@ -173,9 +175,11 @@ def numpy_view(
     a uint16 array; with ``half_bits`` a float16 tensor gives its bits as int16 (for
     the compiled kernels, which read both kinds of bits themselves)."""
     torch = sys.modules["torch"]
-    if type(x) is not torch.Tensor and type(x) is not torch.nn.Parameter:
+    cls = type(x)
+    if cls is not torch.Tensor and cls is not torch.nn.Parameter:
         return None
-    if x.requires_grad and torch.is_grad_enabled() and not attaches_grad:
+    grad = x.requires_grad
+    if grad and not attaches_grad and torch.is_grad_enabled():
         return None
     functorch = torch._C._functorch
     # inside a transform even a tensor from outside it has no memory to read
@@ -183,13 +187,14 @@ def numpy_view(
         return None
     if getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0:
         return None
-    if x.layout != torch.strided or x.is_neg():
+    if x.layout is not torch.strided or x.is_neg():
         return None
-    if x.dtype == torch.bfloat16:
+    dtype = x.dtype  # (torch's dtypes are singletons: `is` is their equality)
+    if dtype is torch.bfloat16:
         return x.detach().view(torch.int16).numpy().view(np.uint16) if half_bits else None
-    if x.dtype == torch.float16 and half_bits:
+    if dtype is torch.float16 and half_bits:
         return x.detach().view(torch.int16).numpy()
-    return x.detach().numpy()
+    return (x.detach() if grad else x).numpy()
 
 
 _WIDEST: dict[tuple[str, str], Any] = {}
