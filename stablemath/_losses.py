@@ -20,7 +20,6 @@ from ._lib._utils import (
     check_complex,
     check_temperature,
     compute_dtype,
-    dtype_kind,
     float_dtype,
     single_axis,
 )
@@ -216,8 +215,6 @@ def cross_entropy(
     >>> float(sm.cross_entropy(np.array([[100.0, 1.0, 0.0]], dtype=np.float32), np.array([0])))
     1.387...e-43
     """
-    xp, (logits, target, weight, where) = array_namespace(logits, target, weight, where)
-    check_complex(xp, logits, "cross_entropy")
     _check_reduction(reduction)
     ignore_index = _check_ignore_index(ignore_index)
     if not 0.0 <= float(label_smoothing) <= 1.0:
@@ -230,21 +227,14 @@ def cross_entropy(
         msg = f"softcap must be None or a positive finite float, got {softcap!r}"
         raise ValueError(msg)
     t = check_temperature(temperature)
-    shape = tuple(logits.shape)
-    ax = single_axis(axis, len(shape))
-    if shape[ax] == 0:
-        msg = f"the class axis {axis} of logits (shape {shape}) is empty"
-        raise ValueError(msg)
-    plain = where is None and softcap is None and t == 1.0 and z_loss == 0
-    if plain and dtype_kind(xp, target.dtype) == "integer":
-        # the fast paths first: they check the target values themselves, and give
-        # None for anything the generic path below must decide or reject
-        _check_target_shape(target, shape, ax, "logits")
-        _check_weight_shape(weight, shape[ax])
+    if where is None and softcap is None and t == 1.0 and z_loss == 0 and type(axis) is int:
+        # the fast paths first, before even the namespace (a batch of one paid 4 us for
+        # it): they check the arrays' types, dtypes and shapes and the target values
+        # themselves, and give None for anything the generic path must decide or reject
         fast = _fastpaths.cross_entropy(
             logits,
             target,
-            axis=ax,
+            axis=axis,
             weight=weight,
             ignore_index=ignore_index,
             reduction=reduction,
@@ -252,6 +242,13 @@ def cross_entropy(
         )
         if fast is not None:
             return fast
+    xp, (logits, target, weight, where) = array_namespace(logits, target, weight, where)
+    check_complex(xp, logits, "cross_entropy")
+    shape = tuple(logits.shape)
+    ax = single_axis(axis, len(shape))
+    if shape[ax] == 0:
+        msg = f"the class axis {axis} of logits (shape {shape}) is empty"
+        raise ValueError(msg)
     out_dtype = float_dtype(xp, logits)
     work = compute_dtype(xp, out_dtype, device=device(logits))
     sample_shape = shape[:ax] + shape[ax + 1 :]

@@ -29,12 +29,29 @@ def test_lists_and_scalars_use_numpy():
     assert isinstance(ce, np.ndarray) and ce.ndim == 0
 
 
-def test_two_libraries_in_one_call():
+# float32 logits take the fast paths (stablemath/_fastpaths.py), which check the
+# arrays' types and shapes themselves, before the namespace: the errors must be the same
+LOSS_DTYPES = pytest.mark.parametrize("dtype", ["float64", "float32"])
+
+
+@LOSS_DTYPES
+def test_two_libraries_in_one_call(dtype):
     torch = pytest.importorskip("torch")
+    x = X.astype(dtype)
     with pytest.raises(TypeError, match=r"numpy.*torch"):
-        sm.cross_entropy(X, torch.from_numpy(T))
+        sm.cross_entropy(x, torch.from_numpy(T))
     with pytest.raises(TypeError, match=r"torch.*numpy"):
-        sm.logsumexp(torch.from_numpy(X), b=np.ones(3))
+        sm.cross_entropy(torch.from_numpy(x), T)
+    with pytest.raises(TypeError, match=r"torch.*numpy"):
+        sm.cross_entropy(torch.from_numpy(x), torch.from_numpy(T), weight=np.ones(3))
+    with pytest.raises(TypeError, match=r"numpy.*torch"):
+        sm.cross_entropy(x, T, weight=torch.ones(3))
+    with pytest.raises(TypeError, match=r"torch.*numpy"):
+        sm.logsumexp(torch.from_numpy(x), b=np.ones(3))
+    # a list is converted with the array's library, as NumPy converts it
+    for logits in (x, torch.from_numpy(x)):
+        expected = sm.cross_entropy(logits, torch.from_numpy(T) if logits is not x else T)
+        np.testing.assert_array_equal(np.asarray(sm.cross_entropy(logits, [0, 2])), expected)
 
 
 @pytest.mark.parametrize("func", [sm.softmax, sm.log_softmax])
@@ -57,13 +74,27 @@ def test_bad_axis(backend, func, axis):
         func(backend.asarray(X), axis=axis)
 
 
-def test_bad_loss_axis(backend):
+@LOSS_DTYPES
+def test_bad_loss_axis(backend, dtype):
+    x = backend.asarray(X.astype(dtype))
     with pytest.raises(ValueError, match=r"axis.*ndim=2"):
-        sm.cross_entropy(backend.asarray(X), backend.asarray(T), axis=2)
+        sm.cross_entropy(x, backend.asarray(T), axis=2)
+    with pytest.raises(TypeError, match="single int"):
+        sm.cross_entropy(x, backend.asarray(T), axis=(1,))
+    with pytest.raises(ValueError, match=r"class axis.*empty"):
+        sm.cross_entropy(backend.asarray(np.zeros((2, 0), dtype)), backend.asarray(T))
 
 
+@LOSS_DTYPES
+def test_boolean_target(backend, dtype):
+    with pytest.raises(TypeError, match="target must hold integer"):
+        sm.cross_entropy(backend.asarray(X.astype(dtype)), backend.asarray(T > 0))
+
+
+@LOSS_DTYPES
 @pytest.mark.parametrize("bad", [3, -1, 7])
-def test_target_out_of_range(backend, bad):
+def test_target_out_of_range(backend, bad, dtype):
+    X = globals()["X"].astype(dtype)
     t = backend.asarray(np.array([0, bad]))
     if not backend.checks_values:
         # lazy arrays are not inspected: the bad sample's loss is NaN, never plausible
@@ -83,14 +114,18 @@ def test_ignore_index_is_not_out_of_range(backend):
     sm.cross_entropy(backend.asarray(X), t, ignore_index=-5)
 
 
-def test_target_shape_mismatch(backend):
+@LOSS_DTYPES
+def test_target_shape_mismatch(backend, dtype):
+    X = globals()["X"].astype(dtype)
     with pytest.raises(ValueError, match=r"\(3,\).*\(2, 3\)"):
         sm.cross_entropy(backend.asarray(X), backend.asarray(np.array([0, 1, 2])))
     with pytest.raises(ValueError, match=r"\(2, 3\).*\(2, 2\)"):
         sm.cross_entropy(backend.asarray(X), backend.asarray(np.ones((2, 2)) / 2))
 
 
-def test_weight_shape(backend):
+@LOSS_DTYPES
+def test_weight_shape(backend, dtype):
+    X = globals()["X"].astype(dtype)
     with pytest.raises(ValueError, match=r"\(3,\).*\(4,\)"):
         sm.cross_entropy(
             backend.asarray(X), backend.asarray(T), weight=backend.asarray(np.ones(4))
