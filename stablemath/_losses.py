@@ -3,9 +3,10 @@
 They resolve the namespace, validate every argument (shapes and options always; target
 values only on eager arrays, see :func:`stablemath._lib._compat.can_inspect_values`)
 and call the kernels in :mod:`stablemath._kernels`. A hard-target cross-entropy tries
-the fast paths (:mod:`stablemath._fastpaths`) right after the shapes and options are
-checked: they read the target values in one compiled pass and hand anything out of
-range back, to be rejected here (the facade's own check cost a batch of one 8 us).
+the fast paths (:mod:`stablemath._fastpaths`) right after the options are checked, even
+before the namespace: they check the arrays' types, dtypes and shapes, read the target
+values in one compiled pass, and hand anything else back, to be rejected here (these
+checks here cost a batch of one 12 us).
 """
 
 from __future__ import annotations
