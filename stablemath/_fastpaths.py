@@ -323,10 +323,10 @@ def _torch_view(x: Any) -> np.ndarray | None:
     float32 result gives (SPEC §3.4: float32 arithmetic inside, or better); where the
     CPU has no float16 conversions a float16 tensor is widened by torch first, with
     the same result."""
-    if x.dtype is not sys.modules["torch"].float16 or not _widened_by_torch(x):
-        return numpy_view(x, half_bits=True)
-    torch = sys.modules["torch"]
-    return None if x.requires_grad and torch.is_grad_enabled() else numpy_view(x.float())
+    view = numpy_view(x, half_bits=True)
+    if view is None or view.dtype != _FLOAT16_BITS or not _widened_by_torch(x):
+        return view
+    return numpy_view(x.float())
 
 
 def _widened_by_torch(x: Any) -> bool:

@@ -487,18 +487,23 @@ def test_compiled_kernels_take_torch_tensors_no_autodiff_sees(kernel_runs):
     assert kernel_runs == ["softmax_rows", "log_softmax_rows"] + ["softmax_rows"] * 2
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize(
+    ("dtype", "widened"), [("bfloat16", False), ("float16", False), ("float16", True)]
+)
 @pytest.mark.parametrize("shape", [(5, 7), (300, 500)])  # calling thread; torch's team
-def test_half_precision_tensors_are_read_by_the_kernels(tb, shape, dtype, monkeypatch):
+def test_half_precision_tensors_are_read_by_the_kernels(tb, shape, dtype, widened, monkeypatch):
     """bfloat16 and float16 tensors go to the kernels as their bits, with no float32
     copy before or after: the results are bit for bit those of the float32 tensor's,
     rounded to the dtype (the route they took before: widened by torch, then rounded
     by torch), with -inf entries, a temperature, another axis, and cross-entropy's
-    gradient. (float16 only where the CPU converts it, as on the CI machine.)"""
+    gradient. (float16 only where the CPU converts it, as on the CI machine; where it
+    does not, ``widened``, float16 is widened by torch, with the same results.)"""
     from stablemath import _cpu_kernels, _cpu_team
 
     if dtype == "float16" and not _cpu_kernels.FLOAT16_CONVERSIONS:
         pytest.fail("this CPU has no float16 conversions: the test needs one that has")
+    if widened:
+        monkeypatch.setattr(_cpu_kernels, "FLOAT16_CONVERSIONS", False)
 
     torch = tb.module
     monkeypatch.delenv(_fastpaths.DISABLE_ENV, raising=False)
@@ -536,6 +541,8 @@ def test_half_precision_tensors_are_read_by_the_kernels(tb, shape, dtype, monkey
     assert xg.grad.dtype == half and torch.equal(xg.grad, xf.grad.to(half))
     # every bfloat16 call ran the kernels on the bits, every float32 one on float32
     bits, f32 = np.dtype(np.uint16 if dtype == "bfloat16" else np.int16), np.dtype(np.float32)
+    if widened:
+        bits = f32
     assert rows == [bits, f32] * 6 + [f32, bits] * 2 + [bits, f32]
 
 
