@@ -226,8 +226,13 @@ def finish(result: Any, dtype: Any, xp: Any) -> Any:
     """
     if result.dtype == dtype:
         return ensure_array(result, xp)
-    if isinstance(result, np.ndarray | np.generic):
+    # a tuple, not np.ndarray | np.generic: torch.compile cannot trace that union
+    if isinstance(result, (np.ndarray, np.generic)):
         return ensure_array(_cast_quietly(result, dtype), xp)
+    tensor = _torch_tensor_type()
+    if tensor is not None and isinstance(result, tensor):
+        # (before library_name: torch.compile warns of array-api-compat's cached helpers)
+        return xp.astype(result, dtype)
     lib = library_name(result)
     if lib == "dask":
         return result.map_blocks(_cast_quietly, dtype, dtype=dtype)
