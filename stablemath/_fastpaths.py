@@ -476,7 +476,7 @@ def _torch_cross_entropy(
             loss, grad = (torch.from_numpy(a) for a in both)
             return _precomputed_grad().apply(x, (loss.to(x.dtype), grad, axis, again))
     # the targets are checked here, not by the facade (see _np_cross_entropy)
-    t = t.astype(np.int64, copy=False)
+    t = np.ascontiguousarray(t, dtype=np.int64).reshape(-1)  # the kernel takes one axis
     if _compiled().target_total(t, _NO_WEIGHT, ignore_index, x.shape[axis]) < 0:
         return None
     loss = _torch_ce_float64(x, target, axis, weight, ignore_index, reduction, smoothing)

@@ -558,3 +558,10 @@ def test_bfloat16_class_weights(tb, monkeypatch):
     for logits in (x, x.to(torch.bfloat16)):
         got = sm.cross_entropy(logits, t, weight=w)
         np.testing.assert_allclose(float(got), float(want), rtol=float(torch.finfo(got.dtype).eps))
+    # targets of two axes (the kernels take them flattened: they raised Numba's
+    # TypingError on this path), and logits under autograd
+    x2, t2 = torch.stack([x, x.flip(0)]), torch.stack([t, t.flip(0)])
+    want = torch.nn.functional.cross_entropy(x2.double().movedim(-1, 1), t2, weight=w.double())
+    for logits in (x2, x2.to(torch.bfloat16).requires_grad_(True)):
+        got = sm.cross_entropy(logits, t2, weight=w).detach()
+        np.testing.assert_allclose(float(got), float(want), rtol=float(torch.finfo(got.dtype).eps))
