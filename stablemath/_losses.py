@@ -5,8 +5,9 @@ values only on eager arrays, see :func:`stablemath._lib._compat.can_inspect_valu
 and call the kernels in :mod:`stablemath._kernels`. A hard-target cross-entropy tries
 the fast paths (:mod:`stablemath._fastpaths`) right after the options are checked, even
 before the namespace: they check the arrays' types, dtypes and shapes, read the target
-values in one compiled pass, and hand anything else back, to be rejected here (these
-checks here cost a batch of one 12 us).
+values in one compiled pass, and hand anything else back, to be rejected here (the
+facade's own target check cost a batch of one 8 us; the namespace and the shape checks
+ahead of the fast paths, 2 us more).
 """
 
 from __future__ import annotations
@@ -229,9 +230,10 @@ def cross_entropy(
         raise ValueError(msg)
     t = check_temperature(temperature)
     if where is None and softcap is None and t == 1.0 and z_loss == 0 and type(axis) is int:
-        # the fast paths first, before even the namespace (a batch of one paid 4 us for
-        # it): they check the arrays' types, dtypes and shapes and the target values
-        # themselves, and give None for anything the generic path must decide or reject
+        # the fast paths first, before even the namespace (a batch of one paid 2 us for
+        # it and the shapes): they check the arrays' types, dtypes and shapes and the
+        # target values themselves, and give None for anything the generic path must
+        # decide or reject
         fast = _fastpaths.cross_entropy(
             logits,
             target,
