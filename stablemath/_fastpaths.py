@@ -519,12 +519,20 @@ def _torch_ce_float64(
 # --- dispatch -------------------------------------------------------------------------------
 
 
+def _slice_axis(shape: tuple[int, ...], axis: int) -> int | None:
+    """``axis`` as an index into ``shape``, or None where it is out of range or the axis
+    is empty: the facade then raises, or gives the empty result."""
+    ndim = len(shape)
+    if not -ndim <= axis < ndim or shape[axis] == 0:
+        return None
+    return axis % ndim
+
+
 def _dispatch(numpy_impl: Any, torch_ops: Any, x: Any, axis: int, *args: Any) -> Any:
     """``numpy_impl(x, axis % x.ndim, *args)`` for a NumPy array or the memory of a
     torch tensor (:func:`_torch_view`, the result wrapped as a tensor), else
     ``torch_ops`` for a torch tensor whose values can be read; None where no fast path
-    applies (``axis`` not one of the axes of ``x``, or an empty one: the facade raises,
-    or gives the empty result), or where the generic kernel must decide.
+    applies (:func:`_slice_axis`), or where the generic kernel must decide.
 
     One function for the three normalisers: on a 1x10 tensor each Python call costs
     0.1-0.3 us, and the layers of calls were most of the call overhead. With them
@@ -538,10 +546,9 @@ def _dispatch(numpy_impl: Any, torch_ops: Any, x: Any, axis: int, *args: Any) ->
         return None
     view = x if kind == "numpy" else _torch_view(x)
     shape = x.shape if view is None else view.shape  # (a NumPy shape costs less)
-    ndim = len(shape)
-    if not -ndim <= axis < ndim or shape[axis] == 0:
+    axis = _slice_axis(shape, axis)
+    if axis is None:
         return None
-    axis %= ndim
     if view is x:
         return numpy_impl(x, axis, *args)
     if view is None:
@@ -598,11 +605,8 @@ def cross_entropy(
     if not integers:
         return None  # soft targets, another library's arrays, lists: the generic path
     shape = tuple(x.shape)  # (slicing a torch.Size costs 0.15 us, a tuple's less)
-    ndim = len(shape)
-    if not -ndim <= axis < ndim:
-        return None
-    axis %= ndim
-    if shape[axis] == 0 or tuple(target.shape) != shape[:axis] + shape[axis + 1 :]:
+    axis = _slice_axis(shape, axis)
+    if axis is None or tuple(target.shape) != shape[:axis] + shape[axis + 1 :]:
         return None
     if weight is not None and tuple(weight.shape) != shape[axis : axis + 1]:
         return None

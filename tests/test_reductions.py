@@ -66,12 +66,17 @@ def test_masked_nan_is_ignored(backend):
     np.testing.assert_array_equal(_np(backend, sm.softmax(x, where=mask)), [[0.5, 0.0, 0.5]])
 
 
-def test_empty_axis(backend):
-    x = backend.asarray(np.zeros((3, 0)))
+@pytest.mark.parametrize("dtype", ["float64", "float32"])  # float32: the fast paths
+def test_empty_axis(backend, dtype):
+    x = backend.asarray(np.zeros((3, 0), dtype))
     np.testing.assert_array_equal(_np(backend, sm.logsumexp(x)), [-INF] * 3)
     assert _np(backend, sm.softmax(x)).shape == (3, 0)
     assert _np(backend, sm.log_softmax(x)).shape == (3, 0)
     assert _np(backend, sm.logsumexp(x, axis=None)) == -INF
+    y = backend.asarray(np.zeros((2, 3, 0), dtype))  # more axes: no rows to form
+    np.testing.assert_array_equal(_np(backend, sm.logsumexp(y)), np.full((2, 3), -INF))
+    assert _np(backend, sm.softmax(y)).shape == (2, 3, 0)
+    assert _np(backend, sm.log_softmax(y, temperature=2.0)).shape == (2, 3, 0)
 
 
 # --- §3.2 overflow / underflow ----------------------------------------------------

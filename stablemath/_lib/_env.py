@@ -1,12 +1,15 @@
-"""The environment switches (``STABLEMATH_DISABLE_FASTPATHS``, ``TRITON_INTERPRET``),
-read at every call so that a test or a user may change them at run time.
+"""The environment switches that the fast paths read at every call
+(``STABLEMATH_DISABLE_FASTPATHS``, ``TRITON_INTERPRET``), so that a test or a user may
+change them at run time. (The Triton package reads its own with ``os.environ``: it is
+traced by ``torch.compile``, and is not on the path of a 1x10 CPU call.)
 
 ``os.environ.get`` costs 0.6-1 us (the key is encoded and the value decoded through
 the ``Mapping`` machinery, Python 3.11); two reads were a third of the call overhead
 of a 1x10 softmax on a torch tensor. :func:`flag` looks the encoded name up in the
 dictionary that ``os.environ`` keeps in step with the environment (``_data``, present
-in CPython since 3.2; assignments and deletions through ``os.environ`` update it), in
-about 20 ns, and falls back to ``os.environ.get`` where that dictionary is absent.
+in CPython since 3.2; assignments and deletions through ``os.environ`` update it):
+0.13 us a call, the lookup itself 20 ns. It falls back to ``os.environ.get`` where that
+dictionary is absent.
 """
 
 from __future__ import annotations
