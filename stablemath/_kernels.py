@@ -191,6 +191,12 @@ def _log_sum(z: Any, axes: tuple[int, ...], *, xp: Any, low: Any = None) -> tupl
     accuracy. ``low`` is the optional remainder of the shift (:func:`_shift_remainder`).
 
     ``total`` is 1 (not 0) in a slice that is all ``-inf``, so that ``e / total`` is 0.
+
+    A slice with no entry at exactly 0 but a positive sum is one whose maximal entry a
+    compiler shifted to a rounding error from 0 (XLA on the CPU rounds ``x / T`` one
+    way in the reduction that finds the maximum and another in the shift, under jit):
+    its maximal term is then in ``s``, and ``log(s)`` is the answer (``log1p(s)``, as
+    for a counted maximum, gave ``log 2`` too much).
     """
     e = xp.exp(z)
     if low is not None:
@@ -204,8 +210,12 @@ def _log_sum(z: Any, axes: tuple[int, ...], *, xp: Any, low: Any = None) -> tupl
     else:
         hi, lo = _accurate_sum(rest, axes, xp=xp)
         s = hi + lo
-    k1 = xp.where(k > 0, k, 1.0)
-    return e, k1 + s, xp.log(k1) + xp.log1p(s / k1)
+    counted = k > 0
+    k1 = xp.where(counted, k, 1.0)
+    # s is 0 only in an all -inf slice (total 1 there); NaN stays NaN
+    s1 = xp.where(s == 0, 1.0, s)
+    total = xp.where(counted, k1 + s, s1)
+    return e, total, xp.where(counted, xp.log(k1) + xp.log1p(s / k1), xp.log(s1))
 
 
 def _lse_from_parts(m: Any, m0: Any, log_total: Any, *, xp: Any) -> Any:
@@ -220,20 +230,48 @@ def _squeeze(a: Any, axes: tuple[int, ...], keepdims: bool, *, xp: Any) -> Any:
     return a if keepdims or not axes else xp.squeeze(a, axis=axes)
 
 
-def softmax(x: Any, /, *, axes: tuple[int, ...], live: Any, compensate: bool, xp: Any) -> Any:
-    """``exp(x - m) / sum(exp(x - m))`` over ``axes``; 0 at masked entries.
+def _scaled_shift(
+    x: Any, axes: tuple[int, ...], live: Any, t: float, compensate: bool, *, xp: Any
+) -> tuple[Any, Any]:
+    """``(z, low)``: the shifted logits of ``x / t``, ``(x - m) / t``, and (with
+    ``compensate``) the rounding error of forming them, exactly enough that
+    ``z + low`` is ``(x - m) / t`` to far below an ulp (else ``low`` is None).
+
+    The temperature divides after the shift, never before: ``x - m`` is exactly 0 at
+    the maximal entries however a compiler evaluates it, while ``x / t`` is not one
+    number under XLA on the CPU (rounded through the reciprocal in the reduction that
+    finds the maximum, by a division elsewhere), which left no entry at 0 and made
+    ``log_softmax`` ``-log 2`` at the maximum, under jit. The quotient's own rounding
+    is recovered as ``z - q t`` (Dekker's product; exact, by Sterbenz, for ``q t``
+    within an ulp of ``z``)."""
+    _, m0, z = _shift(x, axes, live, xp=xp)
+    low = _shift_remainder(x, m0, z, live, xp=xp) if compensate else None
+    if t == 1.0:
+        return z, low
+    q = z / t
+    if low is None:
+        return q, None
+    p, p_err = _two_product(q, xp.asarray(t, dtype=q.dtype, device=device(q)), xp=xp)
+    # 0 where z is not finite (q t is then z itself, or NaN)
+    rem = xp.where(xp.isfinite(z), (z - p) - p_err, 0.0)
+    return q, (low + rem) / t
+
+
+def softmax(
+    x: Any, /, *, axes: tuple[int, ...], live: Any, compensate: bool, xp: Any, t: float = 1.0
+) -> Any:
+    """``exp(x/t - m) / sum(exp(x/t - m))`` over ``axes``; 0 at masked entries.
 
     ``compensate=False`` is for inputs widened from a dtype of at most half the
     precision (float32 computed in float64): there ``x - m`` is exact and a plain sum
     is far more accurate than the output needs, so the error-free corrections of the
     shift and of the sum are skipped (half the passes over the data).
     """
-    _, m0, z = _shift(x, axes, live, xp=xp)
+    z, low = _scaled_shift(x, axes, live, t, compensate, xp=xp)
     e = xp.exp(z)
     if not compensate:
         total = xp.sum(e, axis=axes, keepdims=True)
         return e / xp.where(total == 0, 1.0, total)
-    low = _shift_remainder(x, m0, z, live, xp=xp)
     # E / Z rather than exp(x - lse): the latter loses relative accuracy on long rows.
     # E = e + e_lo (exp of the exact shift, to first order) and Z = hi + lo are both
     # carried as pairs, and the quotient is corrected by its exact residual
@@ -290,14 +328,15 @@ def _divide_pairs(a: Any, a_lo: Any, b: Any, b_lo: Any, *, xp: Any) -> Any:
     return q + ((q_err + a * r_lo) + a_lo * r)
 
 
-def log_softmax(x: Any, /, *, axes: tuple[int, ...], live: Any, compensate: bool, xp: Any) -> Any:
-    """``(x - m) - log(sum(exp(x - m)))`` over ``axes``; ``-inf`` at masked entries.
-    ``compensate`` as in :func:`softmax`."""
-    _, m0, z = _shift(x, axes, live, xp=xp)
+def log_softmax(
+    x: Any, /, *, axes: tuple[int, ...], live: Any, compensate: bool, xp: Any, t: float = 1.0
+) -> Any:
+    """``(x/t - m) - log(sum(exp(x/t - m)))`` over ``axes``; ``-inf`` at masked
+    entries. ``compensate`` as in :func:`softmax`."""
+    z, low = _scaled_shift(x, axes, live, t, compensate, xp=xp)
     if not compensate:
         _, _, log_total = _log_sum(z, axes, xp=xp)
         return z - log_total
-    low = _shift_remainder(x, m0, z, live, xp=xp)
     _, _, log_total = _log_sum(z, axes, xp=xp, low=low)
     return (z - log_total) + low
 

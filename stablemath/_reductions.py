@@ -88,13 +88,12 @@ def _normalize(
         x = xp.astype(x, work)
     if any(x.shape[a] == 0 for a in axes):
         return _finish(xp, x, out_dtype)
-    if t != 1.0:
-        x = x / t
     # input and output of at most half the working precision: the shift is exact and
     # a plain sum is accurate enough, no compensation needed
     narrow = max(xp.finfo(in_dtype).bits, xp.finfo(out_dtype).bits)
     compensate = 2 * narrow > xp.finfo(work).bits
-    result = getattr(_kernels, func)(x, axes=axes, live=where, compensate=compensate, xp=xp)
+    kernel = getattr(_kernels, func)
+    result = kernel(x, axes=axes, live=where, compensate=compensate, xp=xp, t=t)
     return _finish(xp, result, out_dtype)
 
 

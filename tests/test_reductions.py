@@ -250,6 +250,24 @@ def test_dominant_term_full_precision(backend):
     assert got > 0
 
 
+def test_log_sum_without_an_exact_zero(backend):
+    """The shift puts the maximal entries at exactly 0, unless a compiler computes the
+    logits one way for the maximum and another for the shift: XLA on the CPU, under
+    jit, rounded ``x / 0.75`` for the row maximum through the reciprocal and for the
+    shift by a division, so the maximal entry was shifted to -9.5e-7 and no entry
+    counted as maximal. The sum then must not add a maximal term of its own: it gave
+    ``log_softmax`` ``-log 2`` where the answer was -1e-22."""
+    from stablemath import _kernels
+    from stablemath._lib._compat import array_namespace
+
+    z = np.array([[-(2.0**-20), -50.0, -3.0], [0.0, -1.0, -1.0]])
+    xp, (zb,) = array_namespace(backend.asarray(z))
+    _, total, log_total = _kernels._log_sum(zb, (1,), xp=xp)
+    want = np.log(np.exp(z).sum(axis=1, keepdims=True))
+    np.testing.assert_allclose(_np(backend, log_total), want, rtol=1e-15, atol=1e-15)
+    np.testing.assert_allclose(_np(backend, total), np.exp(want), rtol=1e-15)
+
+
 # --- options ----------------------------------------------------------------------
 
 
