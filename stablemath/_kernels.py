@@ -248,12 +248,21 @@ def _scaled_shift(
     low = _shift_remainder(x, m0, z, live, xp=xp) if compensate else None
     if t == 1.0:
         return z, low
-    q = z / t
+    if t < 1.0:
+        # a quotient beyond the dtype's range is -inf, without an overflow (NumPy
+        # would warn) and with z's NaN kept
+        over = z < -(float(xp.finfo(z.dtype).max) * t)
+        q = xp.where(over, -_INF, xp.where(over, 0.0, z) / t)
+    else:
+        q = z / t
     if low is None:
         return q, None
-    p, p_err = _two_product(q, xp.asarray(t, dtype=q.dtype, device=device(q)), xp=xp)
-    # 0 where z is not finite (q t is then z itself, or NaN)
-    rem = xp.where(xp.isfinite(z), (z - p) - p_err, 0.0)
+    # only where exp(q) can be nonzero (|q| <= 2048): elsewhere, and at -inf and NaN,
+    # the remainder is 0, and no branch computes inf - inf or splits a huge number
+    near = xp.abs(q) <= 2048.0
+    qn = xp.where(near, q, 0.0)
+    p, p_err = _two_product(qn, xp.asarray(t, dtype=q.dtype, device=device(q)), xp=xp)
+    rem = (xp.where(near, z, 0.0) - p) - p_err
     return q, (low + rem) / t
 
 

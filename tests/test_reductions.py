@@ -304,6 +304,32 @@ def test_temperature(backend):
     )
 
 
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_temperature_at_the_edges(backend, dtype):
+    """The temperature divides the shifted logits: every SPEC §3 edge keeps its value,
+    and a spread beyond the dtype's range gives exact 0 and 1, with no NaN from the
+    remainder of the division and no overflow warning (warnings are errors here)."""
+    big = float(np.finfo(dtype).max) / 4
+    x = np.array(
+        [
+            [big, -big, 0.0, 1.0],
+            [1.0, INF, -INF, INF],
+            [-INF, -INF, -INF, -INF],
+            [1.0, NAN, 0.0, 2.0],
+            [-INF, 3.0, -INF, -INF],
+        ]
+    )
+    xb = backend.asarray(x, dtype=dtype)
+    p = _np(backend, sm.softmax(xb, temperature=0.3))
+    lp = _np(backend, sm.log_softmax(xb, temperature=0.3))
+    want_p = np.array(
+        [[1, 0, 0, 0], [0, 0.5, 0, 0.5], [0, 0, 0, 0], [NAN] * 4, [0, 1, 0, 0]], dtype=float
+    )
+    np.testing.assert_array_equal(p, want_p)
+    np.testing.assert_array_equal(np.exp(lp), want_p)
+    np.testing.assert_array_equal(lp[1, [1, 3]], -np.log(2.0).astype(dtype))
+
+
 @pytest.mark.parametrize(
     "b",
     [
