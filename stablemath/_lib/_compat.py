@@ -50,13 +50,21 @@ def device(x: Any) -> Any:
     """The device of ``x`` (``array_api_compat.device``; torch's attribute is read
     directly, which ``torch.compile`` traces without warnings, and a NumPy array's is
     ``"cpu"`` without a call: the kernels ask for it a dozen times per call, which on
-    a small array cost more than the arithmetic)."""
+    a small array cost more than the arithmetic). None for a JAX array sharded over
+    several devices (see below)."""
     if type(x) is np.ndarray:
         return "cpu"
     tensor = _torch_tensor_type()
     if tensor is not None and isinstance(x, tensor):
         return x.device
-    return array_api_compat.device(x)
+    found = array_api_compat.device(x)
+    if getattr(found, "num_devices", 1) > 1:
+        # a JAX array sharded over several devices has its sharding for a device,
+        # with which no array of another shape can be made (an eager softmax of such
+        # an array raised IndexError); None makes uncommitted arrays, which JAX
+        # places beside the sharded one
+        return None
+    return found
 
 
 def library_name(obj: Any) -> str:
