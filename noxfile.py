@@ -26,9 +26,10 @@ nox.options.reuse_existing_virtualenvs = True
 TORCH = os.environ.get("STABLEMATH_TORCH", "torch")
 
 BACKENDS = ["numpy", "array_api_strict", "torch", "jax", "dask"]
-# NumPy and torch CPU also run with the fast paths (stablemath/_fastpaths.py) turned
-# off, so that the generic kernels stay tested on them as well
-SESSIONS = [*BACKENDS, "numpy-generic", "torch-generic"]
+# NumPy, torch CPU and JAX on the CPU also run with the fast paths
+# (stablemath/_fastpaths.py, stablemath/_xla_ffi.py) turned off, so that the generic
+# kernels stay tested on them as well
+SESSIONS = [*BACKENDS, "numpy-generic", "torch-generic", "jax-generic"]
 # What each backend's session installs besides the package with its `test` extra
 # (pytest, mpmath, hypothesis, scipy). Versions come from pyproject's extras.
 BACKEND_INSTALL = {

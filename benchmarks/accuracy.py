@@ -86,8 +86,9 @@ def _jax() -> dict[str, Fn]:
 
 
 def _jax_x64_off() -> dict[str, Fn]:
-    """JAX's default configuration: no float64, so stablemath runs its compensated
-    float32 kernels (the ``jax`` rows above compute float32 input in float64)."""
+    """JAX's default configuration: no float64 in JAX, so stablemath runs its row
+    kernels through XLA's FFI on the CPU (stablemath/_xla_ffi.py; the ``jax`` rows
+    above compute float32 input in float64)."""
     import jax
 
     def x64_off(fn: Fn) -> Fn:
@@ -100,9 +101,32 @@ def _jax_x64_off() -> dict[str, Fn]:
     return {name: x64_off(fn) for name, fn in _jax().items()}
 
 
-BACKENDS = {"numpy": _numpy, "torch": _torch, "jax": _jax, "jax (x64 off)": _jax_x64_off}
+def _jax_x64_off_generic() -> dict[str, Fn]:
+    """The same with the fast paths off: the compensated float32 kernels, which JAX
+    runs on a GPU, with a mask, over several axes and for cross-entropy."""
+    import os
+
+    fn = _jax_x64_off()["stablemath"]
+
+    def call(f: str, x: np.ndarray, t: int) -> Any:
+        os.environ["STABLEMATH_DISABLE_FASTPATHS"] = "1"
+        try:
+            return fn(f, x, t)
+        finally:
+            del os.environ["STABLEMATH_DISABLE_FASTPATHS"]
+
+    return {"stablemath": call}
+
+
+BACKENDS = {
+    "numpy": _numpy,
+    "torch": _torch,
+    "jax": _jax,
+    "jax (x64 off)": _jax_x64_off,
+    "jax (x64 off, generic)": _jax_x64_off_generic,
+}
 # the dtypes each backend can compute (JAX without x64 has no float64)
-DTYPES = {"jax (x64 off)": ("float32",)}
+DTYPES = {"jax (x64 off)": ("float32",), "jax (x64 off, generic)": ("float32",)}
 
 
 def _ulps(got: Any, ref: np.ndarray, dtype: type) -> np.ndarray:

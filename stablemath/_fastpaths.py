@@ -1,5 +1,7 @@
 """Backend fast paths: softmax, log_softmax, logsumexp and cross-entropy with integer
-targets for NumPy arrays and PyTorch CPU tensors of at most 32 bits.
+targets for NumPy arrays and PyTorch CPU tensors of at most 32 bits; softmax,
+log_softmax and logsumexp of JAX arrays of at most 32 bits on the CPU, whose XLA
+calls the same row kernels (:mod:`stablemath._xla_ffi`, which says how and why).
 
 The generic kernels in :mod:`stablemath._kernels` are the definition; they are written
 for every input (``+-inf`` maxima, masks, float64, traced arrays) and pay for it in
@@ -111,13 +113,17 @@ def _torch_floats() -> tuple[Any, ...]:
 
 
 def _kind(x: Any) -> str | None:
-    """``"numpy"`` or ``"torch"`` where a fast path applies to ``x``'s type, dtype and
-    device, else None."""
+    """``"numpy"``, ``"torch"`` or ``"jax"`` where a fast path applies to ``x``'s type
+    and dtype (and for torch, device; for JAX, the device is :mod:`._xla_ffi`'s to
+    decide), else None."""
     if type(x) is np.ndarray:
         return "numpy" if x.dtype in _NUMPY_DTYPES and not _env.flag(DISABLE_ENV) else None
     torch = sys.modules.get("torch")
     if torch is None or not isinstance(x, torch.Tensor):
-        return None
+        jax = sys.modules.get("jax")
+        if jax is None or not isinstance(x, jax.Array) or _env.flag(DISABLE_ENV):
+            return None
+        return "jax" if _xla().supported_dtype(x.dtype) else None
     if not x.is_cpu or x.dtype not in (_TORCH_FLOATS or _torch_floats()):
         return None
     # the compiler's check first: torch.compile need not trace the environment reads
@@ -145,6 +151,20 @@ def _compiled() -> Any:
 
         _COMPILED = _cpu_kernels
     return _COMPILED
+
+
+_XLA: Any = None
+
+
+def _xla() -> Any:
+    """:mod:`stablemath._xla_ffi`, the kernels as XLA FFI targets (imported at first
+    use, like :func:`_compiled`)."""
+    global _XLA
+    if _XLA is None:
+        from . import _xla_ffi
+
+        _XLA = _xla_ffi
+    return _XLA
 
 
 _TEAM: Any = None
@@ -528,10 +548,11 @@ def _slice_axis(shape: tuple[int, ...], axis: int) -> int | None:
     return axis % ndim
 
 
-def _dispatch(numpy_impl: Any, torch_ops: Any, x: Any, axis: int, *args: Any) -> Any:
+def _dispatch(func: str, numpy_impl: Any, torch_ops: Any, x: Any, axis: int, *args: Any) -> Any:
     """``numpy_impl(x, axis % x.ndim, *args)`` for a NumPy array or the memory of a
     torch tensor (:func:`_torch_view`, the result wrapped as a tensor), else
-    ``torch_ops`` for a torch tensor whose values can be read; None where no fast path
+    ``torch_ops`` for a torch tensor whose values can be read, and the XLA FFI call of
+    ``func`` (:mod:`stablemath._xla_ffi`) for a JAX array; None where no fast path
     applies (:func:`_slice_axis`), or where the generic kernel must decide.
 
     One function for the three normalisers: on a 1x10 tensor each Python call costs
@@ -544,6 +565,13 @@ def _dispatch(numpy_impl: Any, torch_ops: Any, x: Any, axis: int, *args: Any) ->
     kind = _kind(x)
     if kind is None:
         return None
+    if kind == "jax":
+        axis = _slice_axis(x.shape, axis)
+        if axis is None or x.size == 0:
+            return None
+        if func == "logsumexp":
+            return _xla().logsumexp(x, axis, *args)
+        return _xla().normalise(func, x, axis, *args)
     view = x if kind == "numpy" else _torch_view(x)
     shape = x.shape if view is None else view.shape  # (a NumPy shape costs less)
     axis = _slice_axis(shape, axis)
@@ -562,17 +590,17 @@ def _dispatch(numpy_impl: Any, torch_ops: Any, x: Any, axis: int, *args: Any) ->
 def softmax(x: Any, axis: int, temperature: float) -> Any:
     """``softmax(x / temperature)`` along ``axis`` (an int, possibly negative or out of
     range), or None where no fast path applies."""
-    return _dispatch(_np_softmax, _torch_softmax, x, axis, temperature)
+    return _dispatch("softmax", _np_softmax, _torch_softmax, x, axis, temperature)
 
 
 def log_softmax(x: Any, axis: int, temperature: float) -> Any:
     """``log_softmax(x / temperature)`` along ``axis``, or None."""
-    return _dispatch(_np_log_softmax, _torch_log_softmax, x, axis, temperature)
+    return _dispatch("log_softmax", _np_log_softmax, _torch_log_softmax, x, axis, temperature)
 
 
 def logsumexp(x: Any, axis: int, keepdims: bool) -> Any:
     """``logsumexp(x)`` along ``axis``, or None."""
-    return _dispatch(_np_logsumexp, _torch_logsumexp, x, axis, keepdims)
+    return _dispatch("logsumexp", _np_logsumexp, _torch_logsumexp, x, axis, keepdims)
 
 
 def cross_entropy(
@@ -592,7 +620,7 @@ def cross_entropy(
     the int the caller gave, and the target's type, integer dtype and shape and the
     weight's type and shape are checked (the values, by the kernels)."""
     kind = _kind(x)
-    if kind is None:
+    if kind is None or kind == "jax":
         return None
     if kind == "numpy":
         arrays = type(target) is np.ndarray and (weight is None or type(weight) is np.ndarray)

@@ -1,0 +1,532 @@
+"""JAX arrays on the CPU: the compiled row kernels as XLA FFI custom calls.
+
+Why: under ``jax.jit`` the generic kernels (:mod:`stablemath._kernels`) cost 10-16x
+``jax.nn.softmax`` on the CPU (``benchmarks/run.py``, 4096x1000 and 256x32000
+float32). Their error-free corrections of the shift, the sum and the quotient are
+about 60 float32 operations an element, which XLA's CPU fusions evaluate at a fraction
+of the vector width (``jax.jit(sm.softmax).lower(x).compile().cost_analysis()``: 62
+flops and 86 bytes an element, against 4 and 8 for ``jax.nn.softmax``). The row
+kernels of :mod:`stablemath._cpu_kernels` compute in float64, where none of the
+corrections is needed, and are what the NumPy fast path runs; here XLA calls them.
+
+How:
+
+* one XLA FFI handler per (function, element type): a Numba ``cfunc`` that reads
+  XLA's call frame (``xla/ffi/api/c_api.h``, the ABI-stable C API: the structs are
+  read as words at their documented offsets) and runs the kernel over the rows,
+  shared out among the threads of XLA's own CPU pool (see :func:`_handler`); the
+  rows the kernels refuse (a NaN, a maximum of ``+-inf``)
+  get their SPEC §3 values in the handler, from the NaN and ``+inf`` counts of the
+  row (NaN; ``1/k`` / ``-log k`` at the ``k`` entries ``+inf``; 0 / ``-inf`` for an
+  all ``-inf`` row): a ``lax.cond`` falling back to the generic kernels cost more
+  than the kernels themselves (XLA on the CPU took 14 ms for the conditional around
+  a 3 ms call, 4096x1000 float32). The tests compare the two paths on those rows;
+* :func:`normalise` and :func:`logsumexp` call it with :func:`jax.ffi.ffi_call` on
+  the input with ``axis`` moved last. No value is read on the host, so this traces
+  under ``jit`` and ``vmap`` (the batch becomes more rows of the same call);
+* derivatives by ``jax.custom_jvp``, written with ``jnp`` from the softmax ``p`` (so
+  they are differentiable in turn): ``p * (dx - sum(p dx)) / T`` for softmax,
+  ``(dx - sum(p dx)) / T`` for log_softmax (0 in an all ``-inf`` slice), ``sum(p dx)``
+  for logsumexp. In a ``+inf`` slice ``p`` is ``1/k`` at its ``k`` infinite entries,
+  which makes these the limits the generic kernels give (SPEC §3);
+* only where XLA compiles for one CPU device: arrays on a CPU device, or, for traced
+  arrays in a process that also has accelerators, ``lax.platform_dependent`` (the
+  generic kernels for every other platform); not for arrays sharded over several
+  devices (:func:`_cpu_only`).
+
+Float16 needs the CPU's float16 conversions (``FLOAT16_CONVERSIONS``); bfloat16 and
+float16 are read and written as their bits, as on the other fast paths, and logsumexp
+of them is the kernel's float32, rounded once more to the input's dtype (JAX without
+``jax_enable_x64`` has no float64 to round from).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import math
+from typing import Any
+
+import numba
+import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from . import _cpu_kernels as ck
+from ._cpu_team import _address
+
+__all__ = ["logsumexp", "normalise", "supported_dtype"]
+
+# word offsets (int64) in XLA_FFI_CallFrame: extension_start, stage, args.args, rets.rets
+_EXTENSION, _STAGE, _ARGS, _RETS = 1, 4, 9, 14
+# in XLA_FFI_Buffer: data, rank, dims
+_DATA, _RANK, _DIMS = 3, 4, 5
+_EXTENSION_METADATA = 1  # XLA_FFI_Extension_Type
+_STAGE_EXECUTE = 3  # XLA_FFI_ExecutionStage
+# XLA_FFI_Metadata read as int32: api_version.major_version, .minor_version, traits
+_MAJOR, _MINOR, _TRAITS = 6, 7, 8
+_API_VERSION = (0, 1)  # the C API version whose structs are read here
+
+
+@intrinsic
+def _atomic_add(typingctx: Any, address: Any, value: Any) -> Any:
+    """Atomically ``*address += value`` on an int64 (sequentially consistent); the
+    value before."""
+    sig = types.int64(types.int64, types.int64)
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        ptr = builder.inttoptr(args[0], ir.IntType(64).as_pointer())
+        return builder.atomic_rmw("add", ptr, args[1], "seq_cst")
+
+    return sig, codegen
+
+
+@intrinsic
+def _call(typingctx: Any, function: Any, argument: Any) -> Any:
+    """Call the C function ``void *f(void *)`` at address ``function``; its result as
+    an int64 (the XLA FFI API's functions return an ``XLA_FFI_Error*``, null for
+    success; a task's ``void`` result reads as garbage and is not used)."""
+    sig = types.int64(types.int64, types.int64)
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        i8p = ir.IntType(8).as_pointer()
+        fnty = ir.FunctionType(i8p, [i8p])
+        fn = builder.inttoptr(args[0], fnty.as_pointer())
+        result = builder.call(fn, [builder.inttoptr(args[1], i8p)])
+        return builder.ptrtoint(result, ir.IntType(64))
+
+    return sig, codegen
+
+
+@intrinsic
+def _malloc(typingctx: Any, size: Any) -> Any:
+    """The C library's ``malloc(size)``, as an int64 address (0 when it fails)."""
+    sig = types.int64(types.int64)
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        i8p = ir.IntType(8).as_pointer()
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(i8p, [ir.IntType(64)]), "malloc"
+        )
+        return builder.ptrtoint(builder.call(fn, [args[0]]), ir.IntType(64))
+
+    return sig, codegen
+
+
+@intrinsic
+def _free(typingctx: Any, address: Any) -> Any:
+    """The C library's ``free``."""
+    sig = types.void(types.int64)
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        i8p = ir.IntType(8).as_pointer()
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [i8p]), "free"
+        )
+        builder.call(fn, [builder.inttoptr(args[0], i8p)])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@numba.njit(cache=True)
+def _buffer(table: int, i: int) -> Any:
+    """The words of the ``i``-th XLA_FFI_Buffer of an argument or result table."""
+    return numba.carray(
+        _address(numba.carray(_address(table), (i + 1,), np.int64)[i]), (6,), np.int64
+    )
+
+
+@numba.njit(cache=True)
+def _rows(buffer: Any) -> tuple[int, int]:
+    """``(rows, n)``: the buffer's last dimension and the product of the others."""
+    rank = buffer[_RANK]
+    dims = numba.carray(_address(buffer[_DIMS]), (max(rank, 1),), np.int64)
+    n = dims[rank - 1] if rank > 0 else 1
+    rows = 1
+    for k in range(rank - 1):
+        rows *= dims[k]
+    return rows, n
+
+
+@numba.njit(cache=True)
+def _answer_metadata(frame: Any) -> bool:
+    """XLA asks a handler for its API version through an extension of the call frame;
+    True where this call was that question (answered)."""
+    if frame[_EXTENSION] == 0:
+        return False
+    extension = numba.carray(_address(frame[_EXTENSION]), (4,), np.int64)
+    if extension[1] & 0xFFFFFFFF != _EXTENSION_METADATA:
+        return False
+    metadata = numba.carray(_address(extension[3]), (9,), np.int32)
+    metadata[_MAJOR], metadata[_MINOR] = _API_VERSION
+    metadata[_TRAITS] = 0
+    return True
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _edge_counts(row: Any) -> tuple[bool, int]:
+    """Whether the row holds a NaN, and how many ``+inf``."""
+    nan, k = False, 0
+    for j in range(row.shape[0]):
+        v = ck._real(row[j])
+        if v != v:
+            nan = True
+        elif v == math.inf:
+            k += 1
+    return nan, k
+
+
+# The SPEC §3 values of a row the kernels refuse (a NaN, or a maximum of +-inf: an all
+# -inf row, or k entries +inf), written as ck._put rounds them; logsumexp returns its own.
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _edge_softmax(row: Any, out: Any) -> None:
+    nan, k = _edge_counts(row)
+    for j in range(row.shape[0]):
+        # (the value in a variable: an inline _put of a conditional expression wrote
+        # nothing, Numba 0.68)
+        v = math.nan if nan else (1.0 / k if ck._real(row[j]) == math.inf else 0.0)
+        ck._put(out, j, v)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _edge_log_softmax(row: Any, out: Any) -> None:
+    nan, k = _edge_counts(row)
+    for j in range(row.shape[0]):
+        v = math.nan if nan else (0.0 - math.log(k) if ck._real(row[j]) == math.inf else -math.inf)
+        ck._put(out, j, v)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _edge_logsumexp(row: Any) -> float:
+    nan, k = _edge_counts(row)
+    return math.nan if nan else (math.inf if k else -math.inf)
+
+
+# the XLA_FFI_Api's functions used here, as word offsets: Error_Destroy,
+# ThreadPool_Schedule, ThreadPool_NumThreads (c_api.h, API version 0.1 on)
+_API, _CTX = 2, 3  # in the call frame: the XLA_FFI_Api* and the execution context
+_ERROR_DESTROY, _SCHEDULE, _NUM_THREADS = 8, 17, 18
+# a job: the rows shared out among the threads, in words of a malloc'd block: the next
+# row, a "refused" flag, the threads inside a block of rows, the references to the job
+# (the caller's and each scheduled task's: the last one out frees it), rows per block,
+# rows, row length, x, out, 1/T (float64)
+_NEXT, _REFUSED, _ACTIVE, _REFS, _STEP, _JOB_ROWS, _JOB_N, _JOB_X, _JOB_OUT, _INV_T = range(10)
+_JOB_WORDS = 10
+
+
+@numba.njit(cache=True)
+def _destroy(api: Any, error: int) -> None:
+    """Destroy an XLA_FFI_Error that an API function returned."""
+    if error != 0:
+        args = np.zeros(3, np.int64)
+        args[0], args[2] = 24, error
+        _call(api[_ERROR_DESTROY], args.ctypes.data)
+
+
+@numba.njit(cache=True)
+def _pool_threads(frame: Any) -> int:
+    """The number of threads of XLA's CPU pool, 1 where it cannot be asked."""
+    api = numba.carray(_address(frame[_API]), (_NUM_THREADS + 1,), np.int64)
+    if api[0] < 8 * (_NUM_THREADS + 1):  # an API without thread pools
+        return 1
+    count = np.zeros(1, np.int64)
+    args = np.zeros(4, np.int64)
+    args[0], args[2], args[3] = 32, frame[_CTX], count.ctypes.data
+    error = _call(api[_NUM_THREADS], args.ctypes.data)
+    if error != 0:
+        _destroy(api, error)
+        return 1
+    return max(count[0], 1)
+
+
+@numba.njit(cache=True)
+def _release(job: int) -> None:
+    """Drop one reference to the job; the last one frees it."""
+    if _atomic_add(job + 8 * _REFS, -1) == 1:
+        _free(job)
+
+
+def _work(kernel: Any, element: Any, reduces: bool) -> Any:
+    """The loop every thread of a job runs: take blocks of rows until none is left,
+    counted in ``_ACTIVE`` while inside one; a row the kernel refuses sets
+    ``_REFUSED`` (the caller then redoes the rows one by one)."""
+    out_element = np.float32 if reduces else element
+
+    @numba.njit(cache=True)
+    def work(job: int) -> None:
+        words = numba.carray(_address(job), (_JOB_WORDS,), np.int64)
+        inv_t = numba.carray(_address(job), (_JOB_WORDS,), np.float64)[_INV_T]
+        rows, n, step = words[_JOB_ROWS], words[_JOB_N], words[_STEP]
+        x = numba.carray(_address(words[_JOB_X]), (rows, n), element)
+        while True:
+            _atomic_add(job + 8 * _ACTIVE, 1)
+            r0 = _atomic_add(job + 8 * _NEXT, step)
+            if r0 >= rows:
+                _atomic_add(job + 8 * _ACTIVE, -1)
+                return
+            r1 = min(r0 + step, rows)
+            if reduces:
+                out = numba.carray(_address(words[_JOB_OUT]), (rows,), out_element)
+                ok = kernel(x, out, r0, r1, 1.0)
+            else:
+                out2 = numba.carray(_address(words[_JOB_OUT]), (rows, n), out_element)
+                ok = kernel(x, out2, r0, r1, inv_t)
+            if not ok:
+                words[_REFUSED] = 1
+            _atomic_add(job + 8 * _ACTIVE, -1)
+
+    return work
+
+
+def _task(work: Any) -> Any:
+    """The ``XLA_FFI_Task`` of a job: its share of the work, then its reference."""
+
+    def task(job: Any) -> None:
+        address = numba.carray(job, (1,), np.int64).ctypes.data
+        work(address)
+        _release(address)
+
+    return numba.cfunc(types.void(types.voidptr), nogil=True, cache=True)(task)
+
+
+def _handler(kernel: Any, element: Any, reduces: bool) -> Any:
+    """The FFI handler running ``kernel`` on rows of ``element``: arguments ``x`` and
+    ``1/T`` (a float64 as two uint32), result ``out`` (float32 for logsumexp, else
+    ``element``).
+
+    An array of at least ``2 * _MIN_PARALLEL`` elements is shared out among the
+    threads of XLA's own CPU pool (``XLA_FFI_ThreadPool_Schedule``; the very threads
+    that run XLA's fusions, so none competes for a core with spinning workers): the
+    handler schedules a task per other thread and takes blocks of rows itself; it
+    returns once no thread is inside a block (a task that starts later finds none
+    left). Where the kernel refuses a row, all rows run again one by one, and the rows
+    it refuses get their edge values."""
+    edge = _edge_softmax if kernel is ck.softmax_rows else _edge_log_softmax
+    out_element = np.float32 if reduces else element
+    work = _work(kernel, element, reduces)
+    task = _task(work)
+    _CFUNCS.append(task)
+    task_address = task.address
+
+    def run(frame: Any, x: Any, out_address: int, inv_t: float) -> bool:
+        rows, n = x.shape
+        threads = 1 if x.size < 2 * ck._MIN_PARALLEL else _pool_threads(frame)
+        threads = min(threads, rows, x.size // ck._MIN_PARALLEL)
+        job = _malloc(8 * _JOB_WORDS) if threads > 1 else 0
+        if job == 0:
+            if reduces:
+                out = numba.carray(_address(out_address), (rows,), out_element)
+                return kernel(x, out, 0, rows, 1.0)
+            out2 = numba.carray(_address(out_address), (rows, n), out_element)
+            return kernel(x, out2, 0, rows, inv_t)
+        words = numba.carray(_address(job), (_JOB_WORDS,), np.int64)
+        words[:] = 0
+        words[_REFS] = threads
+        words[_STEP] = max(1, min(rows // threads, ck._BLOCK // max(1, n)))
+        words[_JOB_ROWS], words[_JOB_N] = rows, n
+        words[_JOB_X], words[_JOB_OUT] = x.ctypes.data, out_address
+        numba.carray(_address(job), (_JOB_WORDS,), np.float64)[_INV_T] = inv_t
+        api = numba.carray(_address(frame[_API]), (_SCHEDULE + 1,), np.int64)
+        args = np.zeros(5, np.int64)
+        args[0], args[2], args[3], args[4] = 40, frame[_CTX], task_address, job
+        for _ in range(threads - 1):
+            error = _call(api[_SCHEDULE], args.ctypes.data)
+            if error != 0:  # not scheduled: its reference goes
+                _destroy(api, error)
+                _release(job)
+        work(job)
+        while _atomic_add(job + 8 * _ACTIVE, 0) != 0:
+            pass
+        ok = _atomic_add(job + 8 * _REFUSED, 0) == 0
+        _release(job)
+        return ok
+
+    run = numba.njit(run)
+
+    def handler(frame_address: Any) -> int:
+        frame = numba.carray(frame_address, (22,), np.int64)
+        if _answer_metadata(frame) or frame[_STAGE] & 0xFFFFFFFF != _STAGE_EXECUTE:
+            return 0
+        xb, tb = _buffer(frame[_ARGS], 0), _buffer(frame[_ARGS], 1)
+        ob = _buffer(frame[_RETS], 0)
+        rows, n = _rows(xb)
+        x = numba.carray(_address(xb[_DATA]), (rows, n), element)
+        inv_t = numba.carray(_address(tb[_DATA]), (1,), np.float64)[0]
+        if run(frame, x, ob[_DATA], inv_t):
+            return 0  # a null XLA_FFI_Error*: success
+        if reduces:
+            out = numba.carray(_address(ob[_DATA]), (rows,), np.float32)
+            for i in range(rows):
+                if not kernel(x, out, i, i + 1, 1.0):
+                    out[i] = _edge_logsumexp(x[i])
+            return 0
+        out2 = numba.carray(_address(ob[_DATA]), (rows, n), element)
+        for i in range(rows):
+            if not kernel(x, out2, i, i + 1, inv_t):
+                edge(x[i], out2[i])
+        return 0
+
+    return handler
+
+
+_KERNELS = {
+    "softmax": (ck.softmax_rows, False),
+    "log_softmax": (ck.log_softmax_rows, False),
+    "logsumexp": (ck.logsumexp_rows, True),
+}
+# the element type the kernels read each dtype as (half precision: its bits)
+_ELEMENTS = {"float32": np.float32, "bfloat16": np.uint16, "float16": np.int16}
+_TARGETS: dict[tuple[str, str], str] = {}
+_CFUNCS: list[Any] = []  # kept alive: XLA holds their addresses
+
+
+def _capsule(address: int) -> Any:
+    new = ctypes.pythonapi.PyCapsule_New
+    new.restype = ctypes.py_object
+    new.argtypes = (ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p)
+    return new(address, None, None)
+
+
+def _target(func: str, dtype_name: str) -> str:
+    """The name of the FFI target of ``func`` on ``dtype_name`` rows, compiled and
+    registered at its first use (loading it from Numba's disk cache takes about
+    0.1 s)."""
+    key = (func, dtype_name)
+    name = _TARGETS.get(key)
+    if name is None:
+        import jax
+
+        kernel, reduces = _KERNELS[func]
+        handler = _handler(kernel, _ELEMENTS[dtype_name], reduces)
+        # not cached: the handler holds its task's address, which is this process's
+        compiled = numba.cfunc(types.int64(types.voidptr), nogil=True)(handler)
+        _CFUNCS.append(compiled)
+        name = f"stablemath_{func}_{dtype_name}"
+        jax.ffi.register_ffi_target(name, _capsule(compiled.address), platform="cpu")
+        _TARGETS[key] = name
+    return name
+
+
+def supported_dtype(dtype: Any) -> bool:
+    """Whether the kernels take JAX arrays of ``dtype``."""
+    name = getattr(dtype, "name", str(dtype))
+    if name == "float16":
+        return bool(ck.FLOAT16_CONVERSIONS)
+    return name in _ELEMENTS
+
+
+@functools.cache
+def _jax_functions() -> Any:
+    """The jitted entry points, built at the first JAX call (JAX is imported then)."""
+    import jax
+    import jax.numpy as jnp
+    from jax import lax
+
+    from . import _reductions
+
+    def kernel_call(func: str, x: Any, t: float) -> Any:
+        """The FFI call on ``x`` with the reduced axis last."""
+        shape = x.shape[:-1] if func == "logsumexp" else x.shape
+        dtype = jnp.float32 if func == "logsumexp" else x.dtype
+        inv_t = jnp.asarray(np.array([1.0 / t]).view(np.uint32))
+        call = jax.ffi.ffi_call(
+            _target(func, x.dtype.name),
+            jax.ShapeDtypeStruct(shape, dtype),
+            vmap_method="broadcast_all",
+        )
+        return call(x, inv_t)
+
+    def generic(func: str, axis: int, t: float, x: Any) -> Any:
+        # a tuple axis never takes a fast path: the generic kernels
+        if func == "logsumexp":
+            return _reductions.logsumexp(x, axis=(axis,))
+        return getattr(_reductions, func)(x, axis=(axis,), temperature=t)
+
+    def on_cpu(func: str, axis: int, t: float, x: Any) -> Any:
+        out = kernel_call(func, jnp.moveaxis(x, axis, -1), t)
+        if func == "logsumexp":
+            return out.astype(x.dtype)
+        return jnp.moveaxis(out, -1, axis)
+
+    @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2, 3))
+    def value(func: str, axis: int, t: float, cpu_only: bool, x: Any) -> Any:
+        if cpu_only:
+            return on_cpu(func, axis, t, x)
+        return lax.platform_dependent(
+            x,
+            cpu=functools.partial(on_cpu, func, axis, t),
+            default=lambda x: generic(func, axis, t, x).astype(x.dtype),
+        )
+
+    @value.defjvp
+    def value_jvp(
+        func: str, axis: int, t: float, cpu_only: bool, primals: Any, tangents: Any
+    ) -> tuple[Any, Any]:
+        (x,), (dx,) = primals, tangents
+        y = value(func, axis, t, cpu_only, x)
+        x32 = x.astype(jnp.float32)
+        if func == "softmax" and x.dtype == jnp.float32:
+            p = y
+        else:  # (the probabilities of half precision input in float32)
+            p = value("softmax", axis, t, cpu_only, x32)
+        dx = dx.astype(jnp.float32) * (1.0 / t)
+        mean = jnp.sum(p * dx, axis=axis, keepdims=True)
+        if func == "softmax":
+            dy = p * (dx - mean)
+        elif func == "log_softmax":
+            # an all -inf slice has p = 0 and a constant log_softmax
+            dead = jnp.max(x32, axis=axis, keepdims=True) == -jnp.inf
+            dy = jnp.where(dead, 0.0, dx - mean)
+        else:
+            dy = jnp.squeeze(mean, axis)
+        return y, dy.astype(y.dtype)
+
+    @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+    def entry(func: str, axis: int, t: float, cpu_only: bool, x: Any) -> Any:
+        return value(func, axis, t, cpu_only, x)
+
+    return entry
+
+
+def _cpu_only(x: Any) -> bool | None:
+    """True where XLA compiles ``x``'s computation for one CPU device, False where
+    not, None where that is known only at lowering (traced arrays in a process with
+    one CPU device and accelerators).
+
+    One device only: XLA cannot partition the FFI call, and would gather an array
+    sharded over several CPU devices onto each of them (its result replicated); the
+    generic kernels keep the sharding (``tests/test_jax_sharding.py``). A traced array
+    does not tell its sharding, so a process with several CPU devices takes the
+    generic kernels for every traced array."""
+    import jax
+
+    if not isinstance(x, jax.core.Tracer):
+        devices = x.sharding.device_set
+        return len(devices) == 1 and next(iter(devices)).platform == "cpu"
+    devices = jax.devices()
+    if all(d.platform == "cpu" for d in devices):
+        return len(devices) == 1
+    return None if len(jax.devices("cpu")) == 1 else False
+
+
+def normalise(func: str, x: Any, axis: int, t: float) -> Any:
+    """``func`` (softmax or log_softmax) of the JAX array ``x`` along ``axis`` (an
+    index), or None where the kernels do not apply."""
+    cpu = _cpu_only(x)
+    if cpu is False:
+        return None
+    return _jax_functions()(func, axis, t, bool(cpu), x)
+
+
+def logsumexp(x: Any, axis: int, keepdims: bool) -> Any:
+    """``logsumexp`` of the JAX array ``x`` along ``axis`` (an index), or None."""
+    cpu = _cpu_only(x)
+    if cpu is False:
+        return None
+    out = _jax_functions()("logsumexp", axis, 1.0, bool(cpu), x)
+    return out.reshape((*out.shape[:axis], 1, *out.shape[axis:])) if keepdims else out

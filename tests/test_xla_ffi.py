@@ -1,0 +1,213 @@
+"""The JAX fast path on the CPU (stablemath/_xla_ffi.py): the compiled row kernels as
+XLA FFI calls. It runs for float32, bfloat16 and float16 arrays on one axis, eager and
+under jit, vmap and grad, and gives the generic kernels' values (SPEC §3) on every row,
+the ``+-inf`` and NaN rows that its handler fills in included; its derivatives are
+the generic ones. (The whole suite also holds it to the SPEC: the jax session runs
+with it.)"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from conftest import DEVICE, backends_named
+
+import stablemath as sm
+from stablemath import _fastpaths, _kernels
+
+pytestmark = pytest.mark.skipif(
+    not backends_named("jax") or DEVICE != "cpu", reason="the jax backend on the CPU"
+)
+FUNCS = ["softmax", "log_softmax", "logsumexp"]
+INF, NAN = math.inf, math.nan
+# normal rows, and every row the kernels refuse (the handler's SPEC §3 values)
+EDGES = np.array(
+    [
+        [0.5, -3.0, 40.0, 2.0, -60.0],
+        [1.0, INF, 0.0, -INF, 3.0],  # one +inf
+        [INF, 2.0, INF, INF, -1.0],  # three
+        [-INF] * 5,  # all -inf
+        [1.0, NAN, 2.0, INF, -INF],  # NaN (with +inf)
+        [NAN, -INF, -INF, -INF, -INF],
+        [-INF, -INF, 7.0, -INF, -INF],  # one finite entry
+        [3e38, -3e38, 0.0, 1e38, -1.0],  # max - min beyond float32
+    ]
+)
+
+
+def _edges(dtype):
+    """EDGES in ``dtype``, its last row scaled to the dtype's range."""
+    x = EDGES.copy()
+    x[-1] *= float(np.finfo(np.float16).max) / 3e38 if dtype == "float16" else 1.0
+    return x
+
+
+@pytest.fixture
+def jax(monkeypatch):
+    """JAX, with the fast paths on (also in the jax-generic session)."""
+    import jax
+
+    monkeypatch.delenv(_fastpaths.DISABLE_ENV, raising=False)
+    return jax
+
+
+@pytest.fixture
+def generic_calls(monkeypatch):
+    calls = []
+    for name in FUNCS:
+        real = getattr(_kernels, name)
+
+        def spy(*args, _real=real, _name=name, **kwargs):
+            calls.append(_name)
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(_kernels, name, spy)
+    monkeypatch.delenv(_fastpaths.DISABLE_ENV, raising=False)
+    return calls
+
+
+def _generic(jax, func, x, monkeypatch, **kw):
+    """The generic kernels' value, under jit as the fast path's is."""
+    monkeypatch.setenv(_fastpaths.DISABLE_ENV, "1")
+    try:
+        return np.asarray(jax.jit(lambda v: getattr(sm, func)(v, **kw))(x), dtype=np.float64)
+    finally:
+        monkeypatch.delenv(_fastpaths.DISABLE_ENV)
+
+
+def _fast(jax, func, x, **kw):
+    return np.asarray(jax.jit(lambda v: getattr(sm, func)(v, **kw))(x), dtype=np.float64)
+
+
+def _close(got, want, dtype):
+    """Equal at every non-finite value, and to the ulps the two paths may differ by
+    where finite (the generic kernels' float32 arithmetic flushes subnormals)."""
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    np.testing.assert_array_equal(got[np.isinf(want)], want[np.isinf(want)])
+    rtol = {"float32": 4e-7, "bfloat16": 8e-3, "float16": 1e-3}[dtype]
+    np.testing.assert_allclose(got, want, rtol=rtol, atol=2e-38, equal_nan=True)
+
+
+@pytest.mark.parametrize("func", FUNCS)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_ffi_call_is_what_runs(jax, func, dtype, generic_calls):
+    """The compiled program holds the FFI call and no generic kernel is traced, eager
+    or under jit."""
+    import jax.numpy as jnp
+
+    x = jnp.asarray(EDGES[:1], dtype=dtype)
+    f = getattr(sm, func)
+    hlo = jax.jit(f).lower(x).compile().as_text()
+    assert f"stablemath_{func}_{dtype}" in hlo
+    f(x)
+    assert generic_calls == []
+
+
+@pytest.mark.parametrize("func", FUNCS)
+def test_switch_and_other_inputs_take_the_generic_path(jax, func, generic_calls, monkeypatch):
+    import jax.numpy as jnp
+
+    f = getattr(sm, func)
+    x = jnp.asarray(EDGES[:2], dtype="float32")
+    f(x, axis=(1,))  # several axes (one given as a tuple)
+    f(x, where=x > 0)
+    monkeypatch.setenv(_fastpaths.DISABLE_ENV, "1")
+    f(x)
+    assert generic_calls == [func] * 3
+
+
+@pytest.mark.parametrize("func", FUNCS)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_edge_rows_match_the_generic_kernels(jax, func, dtype, monkeypatch):
+    import jax.numpy as jnp
+
+    x = jnp.asarray(_edges(dtype), dtype=dtype)
+    kw = {} if func == "logsumexp" else {"temperature": 0.75}
+    _close(_fast(jax, func, x, **kw), _generic(jax, func, x, monkeypatch, **kw), dtype)
+
+
+@pytest.mark.parametrize("func", FUNCS)
+def test_random_rows_any_axis_and_vmap(jax, func, monkeypatch):
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal((3, 40, 5)) * 20, dtype="float32")
+    for axis in (0, 1, -1):
+        _close(
+            _fast(jax, func, x, axis=axis),
+            _generic(jax, func, x, monkeypatch, axis=axis),
+            "float32",
+        )
+    f = getattr(sm, func)
+    got = np.asarray(jax.vmap(f)(x), dtype=np.float64)
+    _close(got, _generic(jax, func, x, monkeypatch), "float32")
+
+
+@pytest.mark.parametrize("func", FUNCS)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_large_arrays_shared_among_the_pool_threads(jax, func, dtype, monkeypatch):
+    """Arrays of at least 2**17 elements are shared out in blocks of rows among XLA's
+    CPU threads; a refused row in any block sends every row through the one-by-one
+    pass, the others' values unchanged."""
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((700, 400)) * 20
+    fast = {}
+    for edges in (False, True):
+        if edges:  # refused rows in the first, a middle and the last block
+            x[[0, 350, 699]] = EDGES[[1, 3, 4], :1]
+            x[351, 7] = NAN
+        xb = jnp.asarray(x, dtype=dtype)
+        got = fast[edges] = _fast(jax, func, xb)
+        _close(got, _generic(jax, func, xb, monkeypatch), dtype)
+    same = slice(1, 350) if func == "logsumexp" else (slice(1, 350), slice(None))
+    np.testing.assert_array_equal(fast[True][same], fast[False][same])
+
+
+@pytest.mark.parametrize("func", FUNCS)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_derivatives_match_the_generic_kernels(jax, func, dtype, monkeypatch):
+    """Reverse mode (a cotangent on every output, the infinite ones included) and
+    forward mode, under jit, on finite rows and at every edge but NaN (whose
+    derivatives are NaN on both paths: test_autodiff)."""
+    import jax.numpy as jnp
+
+    x = jnp.asarray(_edges(dtype)[[0, 1, 2, 3, 6, 7]], dtype=dtype)
+    rng = np.random.default_rng(0)
+    w = jnp.asarray(rng.standard_normal(x.shape), dtype=dtype)
+    v = jnp.asarray(rng.standard_normal(x.shape[:1] if func == "logsumexp" else x.shape), dtype)
+    kw = {} if func == "logsumexp" else {"temperature": 1.5}
+
+    @jax.jit
+    def both(x):
+        f = lambda a: getattr(sm, func)(a, **kw)  # noqa: E731
+        _, back = jax.vjp(f, x)
+        return back(v)[0], jax.jvp(f, (x,), (w,))[1]
+
+    fast = both(x)
+    monkeypatch.setenv(_fastpaths.DISABLE_ENV, "1")
+    jax.clear_caches()
+    generic = both(x)
+    tol = 2e-6 if dtype == "float32" else 2e-2
+    for got, want in zip(fast, generic, strict=True):
+        got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+        assert np.isfinite(got).all()
+        np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
+
+
+def test_platform_dependent_form(jax, monkeypatch):
+    """Traced arrays in a process with accelerators get ``lax.platform_dependent``
+    (its CPU branch, the FFI call, here)."""
+    import jax.numpy as jnp
+
+    from stablemath import _xla_ffi
+
+    monkeypatch.setattr(_xla_ffi, "_cpu_only", lambda x: None)
+    x = jnp.asarray(EDGES, dtype="float32")
+    f = jax.jit(lambda v: sm.softmax(v, axis=0))
+    assert "stablemath_softmax_float32" in f.lower(x).compile().as_text()
+    _close(
+        np.asarray(f(x), np.float64), _generic(jax, "softmax", x, monkeypatch, axis=0), "float32"
+    )
