@@ -103,7 +103,7 @@ def _jax_x64_off() -> dict[str, Fn]:
 
 def _jax_x64_off_generic() -> dict[str, Fn]:
     """The same with the fast paths off: the compensated float32 kernels, which JAX
-    runs on a GPU, with a mask, over several axes and for cross-entropy."""
+    runs on a GPU, with a mask or over several axes."""
     import os
 
     fn = _jax_x64_off()["stablemath"]

@@ -1,7 +1,7 @@
 """Backend fast paths: softmax, log_softmax, logsumexp and cross-entropy with integer
-targets for NumPy arrays and PyTorch CPU tensors of at most 32 bits; softmax,
-log_softmax and logsumexp of JAX arrays of at most 32 bits on the CPU, whose XLA
-calls the same row kernels (:mod:`stablemath._xla_ffi`, which says how and why).
+targets for NumPy arrays and PyTorch CPU tensors of at most 32 bits, and for JAX
+arrays of at most 32 bits on the CPU, whose XLA calls the same row kernels
+(:mod:`stablemath._xla_ffi`, which says how and why).
 
 The generic kernels in :mod:`stablemath._kernels` are the definition; they are written
 for every input (``+-inf`` maxima, masks, float64, traced arrays) and pay for it in
@@ -620,8 +620,26 @@ def cross_entropy(
     the int the caller gave, and the target's type, integer dtype and shape and the
     weight's type and shape are checked (the values, by the kernels)."""
     kind = _kind(x)
-    if kind is None or kind == "jax":
+    if kind is None:
         return None
+    if kind == "jax":
+        jax = sys.modules["jax"]
+        arrays = isinstance(target, jax.Array) and (
+            weight is None or isinstance(weight, jax.Array)
+        )
+        if not arrays or target.dtype.kind not in "iu" or target.dtype == bool:
+            return None
+        if weight is not None and weight.dtype.kind != "f":
+            return None
+        shape = tuple(x.shape)
+        axis = _slice_axis(shape, axis)
+        if axis is None or x.size == 0 or tuple(target.shape) != shape[:axis] + shape[axis + 1 :]:
+            return None
+        if weight is not None and tuple(weight.shape) != shape[axis : axis + 1]:
+            return None
+        return _xla().cross_entropy(
+            x, target, axis, weight, ignore_index, reduction, label_smoothing
+        )
     if kind == "numpy":
         arrays = type(target) is np.ndarray and (weight is None or type(weight) is np.ndarray)
         integers = arrays and target.dtype.kind in "iu"

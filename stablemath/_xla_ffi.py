@@ -1,4 +1,5 @@
-"""JAX arrays on the CPU: the compiled row kernels as XLA FFI custom calls.
+"""JAX arrays on the CPU: the compiled row kernels as XLA FFI custom calls, for
+softmax, log_softmax, logsumexp and cross-entropy with integer targets.
 
 Why: under ``jax.jit`` the generic kernels (:mod:`stablemath._kernels`) cost 10-16x
 ``jax.nn.softmax`` on the CPU (``benchmarks/run.py``, 4096x1000 and 256x32000
@@ -27,8 +28,15 @@ How:
 * derivatives by ``jax.custom_jvp``, written with ``jnp`` from the softmax ``p`` (so
   they are differentiable in turn): ``p * (dx - sum(p dx)) / T`` for softmax,
   ``(dx - sum(p dx)) / T`` for log_softmax (0 in an all ``-inf`` slice), ``sum(p dx)``
-  for logsumexp. In a ``+inf`` slice ``p`` is ``1/k`` at its ``k`` infinite entries,
-  which makes these the limits the generic kernels give (SPEC §3);
+  for logsumexp, ``(p - e/C - (1 - e) onehot(t)) . dx`` for a sample's cross-entropy
+  (``-(1 - e) onehot(t)`` in an all ``-inf`` row). In a ``+inf`` slice ``p`` is
+  ``1/k`` at its ``k`` infinite entries, which makes these the limits the generic
+  kernels give (SPEC §3);
+* cross-entropy: the kernel gives each sample's unweighted loss (with label
+  smoothing ``e``) in one pass over the logits; class weights (without smoothing),
+  ``ignore_index``, targets out of range (NaN, SPEC §4) and the reduction are applied
+  in JAX on those per-sample values. Weights with smoothing, ``temperature``,
+  ``softcap``, ``z_loss``, ``where`` and soft targets take the generic kernels;
 * only where XLA compiles for one CPU device: arrays on a CPU device, or, for traced
   arrays in a process that also has accelerators, ``lax.platform_dependent`` (the
   generic kernels for every other platform); not for arrays sharded over several
@@ -236,9 +244,11 @@ _ERROR_DESTROY, _SCHEDULE, _NUM_THREADS = 8, 17, 18
 # a job: the rows shared out among the threads, in words of a malloc'd block: the next
 # row, a "refused" flag, the threads inside a block of rows, the references to the job
 # (the caller's and each scheduled task's: the last one out frees it), rows per block,
-# rows, row length, x, out, 1/T (float64)
-_NEXT, _REFUSED, _ACTIVE, _REFS, _STEP, _JOB_ROWS, _JOB_N, _JOB_X, _JOB_OUT, _INV_T = range(10)
-_JOB_WORDS = 10
+# rows, row length, x, out, the kernel's parameter (float64: 1/T, or the smoothing of a
+# cross-entropy), the targets of a cross-entropy
+_NEXT, _REFUSED, _ACTIVE, _REFS, _STEP, _JOB_ROWS, _JOB_N, _JOB_X, _JOB_OUT, _PARAM = range(10)
+_TARGETS_AT = 10
+_JOB_WORDS = 11
 
 
 @numba.njit(cache=True)
@@ -273,16 +283,50 @@ def _release(job: int) -> None:
         _free(job)
 
 
-def _work(kernel: Any, element: Any, reduces: bool) -> Any:
+def _rows_runner(kernel: Any, element: Any, kind: str) -> Any:
+    """``run_rows(x, out, targets, r0, r1, param)``: ``kernel`` on the rows
+    ``[r0, r1)`` of ``x``, its output at address ``out`` (and the int32 targets of a
+    cross-entropy at ``targets``, -1 for a sample that contributes 0); False where it
+    refuses one. ``kind``: "normalise" (``out`` like ``x``), "reduce" (one float32 a
+    row, the logsumexp), "cross_entropy" (one float32 loss a row, unweighted, with
+    smoothing ``param``)."""
+    if kind == "normalise":
+
+        @numba.njit(cache=True)
+        def run_rows(x: Any, out: int, targets: int, r0: int, r1: int, param: float) -> bool:
+            result = numba.carray(_address(out), x.shape, element)
+            return kernel(x, result, r0, r1, param)
+
+    elif kind == "reduce":
+
+        @numba.njit(cache=True)
+        def run_rows(x: Any, out: int, targets: int, r0: int, r1: int, param: float) -> bool:
+            result = numba.carray(_address(out), (x.shape[0],), np.float32)
+            return kernel(x, result, r0, r1, 1.0)
+
+    else:
+
+        @numba.njit(cache=True)
+        def run_rows(x: Any, out: int, targets: int, r0: int, r1: int, param: float) -> bool:
+            rows = x.shape[0]
+            loss = numba.carray(_address(out), (rows,), np.float32)
+            target = numba.carray(_address(targets), (rows,), np.int32)
+            no_weight = np.empty(0, np.float64)
+            no_grad = np.empty((0, 0), np.float32)
+            return kernel(x, loss, r0, r1, target, no_weight, -1, param, no_grad, 1.0)
+
+    return run_rows
+
+
+def _work(run_rows: Any, element: Any) -> Any:
     """The loop every thread of a job runs: take blocks of rows until none is left,
     counted in ``_ACTIVE`` while inside one; a row the kernel refuses sets
     ``_REFUSED`` (the caller then redoes the rows one by one)."""
-    out_element = np.float32 if reduces else element
 
     @numba.njit(cache=True)
     def work(job: int) -> None:
         words = numba.carray(_address(job), (_JOB_WORDS,), np.int64)
-        inv_t = numba.carray(_address(job), (_JOB_WORDS,), np.float64)[_INV_T]
+        param = numba.carray(_address(job), (_JOB_WORDS,), np.float64)[_PARAM]
         rows, n, step = words[_JOB_ROWS], words[_JOB_N], words[_STEP]
         x = numba.carray(_address(words[_JOB_X]), (rows, n), element)
         while True:
@@ -292,17 +336,29 @@ def _work(kernel: Any, element: Any, reduces: bool) -> Any:
                 _atomic_add(job + 8 * _ACTIVE, -1)
                 return
             r1 = min(r0 + step, rows)
-            if reduces:
-                out = numba.carray(_address(words[_JOB_OUT]), (rows,), out_element)
-                ok = kernel(x, out, r0, r1, 1.0)
-            else:
-                out2 = numba.carray(_address(words[_JOB_OUT]), (rows, n), out_element)
-                ok = kernel(x, out2, r0, r1, inv_t)
-            if not ok:
+            if not run_rows(x, words[_JOB_OUT], words[_TARGETS_AT], r0, r1, param):
                 words[_REFUSED] = 1
             _atomic_add(job + 8 * _ACTIVE, -1)
 
     return work
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _edge_cross_entropy(x: Any, t: int, smoothing: float) -> float:
+    """The unweighted loss of the one row of ``x`` that the kernel refused, from its
+    log-probabilities (the log_softmax kernel's, or their SPEC §3 edge values):
+    ``-lp[t]``, with smoothing ``(1 - e) (-lp[t]) + e / C sum_c (-lp[c])``."""
+    n = x.shape[1]
+    lp = np.empty((1, n), np.float64)
+    if not ck.log_softmax_rows(x, lp, 0, 1, 1.0):
+        _edge_log_softmax(x[0], lp[0])
+    loss = 0.0 - lp[0, t]  # (+0, not -0, for a row of log_softmax 0 at t)
+    if smoothing > 0.0:
+        acc = 0.0
+        for c in range(n):
+            acc -= lp[0, c]
+        loss = (1.0 - smoothing) * loss + smoothing * acc / n
+    return loss
 
 
 def _task(work: Any) -> Any:
@@ -316,10 +372,10 @@ def _task(work: Any) -> Any:
     return numba.cfunc(types.void(types.voidptr), nogil=True, cache=True)(task)
 
 
-def _handler(kernel: Any, element: Any, reduces: bool) -> Any:
-    """The FFI handler running ``kernel`` on rows of ``element``: arguments ``x`` and
-    ``1/T`` (a float64 as two uint32), result ``out`` (float32 for logsumexp, else
-    ``element``).
+def _handler(kernel: Any, element: Any, kind: str) -> Any:
+    """The FFI handler running ``kernel`` on rows of ``element`` (``kind`` as in
+    :func:`_rows_runner`): arguments ``x``, for a cross-entropy the int32 targets, and
+    the float64 parameter (two uint32); result ``out``.
 
     An array of at least ``2 * _MIN_PARALLEL`` elements is shared out among the
     threads of XLA's own CPU pool (``XLA_FFI_ThreadPool_Schedule``; the very threads
@@ -329,30 +385,26 @@ def _handler(kernel: Any, element: Any, reduces: bool) -> Any:
     left). Where the kernel refuses a row, all rows run again one by one, and the rows
     it refuses get their edge values."""
     edge = _edge_softmax if kernel is ck.softmax_rows else _edge_log_softmax
-    out_element = np.float32 if reduces else element
-    work = _work(kernel, element, reduces)
+    run_rows = _rows_runner(kernel, element, kind)
+    work = _work(run_rows, element)
     task = _task(work)
     _CFUNCS.append(task)
     task_address = task.address
 
-    def run(frame: Any, x: Any, out_address: int, inv_t: float) -> bool:
+    def run(frame: Any, x: Any, out: int, targets: int, param: float) -> bool:
         rows, n = x.shape
         threads = 1 if x.size < 2 * ck._MIN_PARALLEL else _pool_threads(frame)
         threads = min(threads, rows, x.size // ck._MIN_PARALLEL)
         job = _malloc(8 * _JOB_WORDS) if threads > 1 else 0
         if job == 0:
-            if reduces:
-                out = numba.carray(_address(out_address), (rows,), out_element)
-                return kernel(x, out, 0, rows, 1.0)
-            out2 = numba.carray(_address(out_address), (rows, n), out_element)
-            return kernel(x, out2, 0, rows, inv_t)
+            return run_rows(x, out, targets, 0, rows, param)
         words = numba.carray(_address(job), (_JOB_WORDS,), np.int64)
         words[:] = 0
         words[_REFS] = threads
         words[_STEP] = max(1, min(rows // threads, ck._BLOCK // max(1, n)))
         words[_JOB_ROWS], words[_JOB_N] = rows, n
-        words[_JOB_X], words[_JOB_OUT] = x.ctypes.data, out_address
-        numba.carray(_address(job), (_JOB_WORDS,), np.float64)[_INV_T] = inv_t
+        words[_JOB_X], words[_JOB_OUT], words[_TARGETS_AT] = x.ctypes.data, out, targets
+        numba.carray(_address(job), (_JOB_WORDS,), np.float64)[_PARAM] = param
         api = numba.carray(_address(frame[_API]), (_SCHEDULE + 1,), np.int64)
         args = np.zeros(5, np.int64)
         args[0], args[2], args[3], args[4] = 40, frame[_CTX], task_address, job
@@ -369,37 +421,42 @@ def _handler(kernel: Any, element: Any, reduces: bool) -> Any:
         return ok
 
     run = numba.njit(run)
+    cross_entropy = kind == "cross_entropy"
 
     def handler(frame_address: Any) -> int:
         frame = numba.carray(frame_address, (22,), np.int64)
         if _answer_metadata(frame) or frame[_STAGE] & 0xFFFFFFFF != _STAGE_EXECUTE:
             return 0
-        xb, tb = _buffer(frame[_ARGS], 0), _buffer(frame[_ARGS], 1)
-        ob = _buffer(frame[_RETS], 0)
+        xb = _buffer(frame[_ARGS], 0)
+        targets = _buffer(frame[_ARGS], 1)[_DATA] if cross_entropy else 0
+        pb = _buffer(frame[_ARGS], 2 if cross_entropy else 1)
+        out = _buffer(frame[_RETS], 0)[_DATA]
         rows, n = _rows(xb)
         x = numba.carray(_address(xb[_DATA]), (rows, n), element)
-        inv_t = numba.carray(_address(tb[_DATA]), (1,), np.float64)[0]
-        if run(frame, x, ob[_DATA], inv_t):
+        param = numba.carray(_address(pb[_DATA]), (1,), np.float64)[0]
+        if run(frame, x, out, targets, param):
             return 0  # a null XLA_FFI_Error*: success
-        if reduces:
-            out = numba.carray(_address(ob[_DATA]), (rows,), np.float32)
-            for i in range(rows):
-                if not kernel(x, out, i, i + 1, 1.0):
-                    out[i] = _edge_logsumexp(x[i])
-            return 0
-        out2 = numba.carray(_address(ob[_DATA]), (rows, n), element)
         for i in range(rows):
-            if not kernel(x, out2, i, i + 1, inv_t):
-                edge(x[i], out2[i])
+            if run_rows(x, out, targets, i, i + 1, param):
+                continue
+            if kind == "normalise":
+                edge(x[i], numba.carray(_address(out), (rows, n), element)[i])
+            elif kind == "reduce":
+                numba.carray(_address(out), (rows,), np.float32)[i] = _edge_logsumexp(x[i])
+            else:
+                t = numba.carray(_address(targets), (rows,), np.int32)[i]
+                loss = numba.carray(_address(out), (rows,), np.float32)
+                loss[i] = _edge_cross_entropy(x[i : i + 1], t, param)
         return 0
 
     return handler
 
 
 _KERNELS = {
-    "softmax": (ck.softmax_rows, False),
-    "log_softmax": (ck.log_softmax_rows, False),
-    "logsumexp": (ck.logsumexp_rows, True),
+    "softmax": (ck.softmax_rows, "normalise"),
+    "log_softmax": (ck.log_softmax_rows, "normalise"),
+    "logsumexp": (ck.logsumexp_rows, "reduce"),
+    "cross_entropy": (ck.cross_entropy_rows, "cross_entropy"),
 }
 # the element type the kernels read each dtype as (half precision: its bits)
 _ELEMENTS = {"float32": np.float32, "bfloat16": np.uint16, "float16": np.int16}
@@ -423,8 +480,8 @@ def _target(func: str, dtype_name: str) -> str:
     if name is None:
         import jax
 
-        kernel, reduces = _KERNELS[func]
-        handler = _handler(kernel, _ELEMENTS[dtype_name], reduces)
+        kernel, kind = _KERNELS[func]
+        handler = _handler(kernel, _ELEMENTS[dtype_name], kind)
         # not cached: the handler holds its task's address, which is this process's
         compiled = numba.cfunc(types.int64(types.voidptr), nogil=True)(handler)
         _CFUNCS.append(compiled)
@@ -449,7 +506,7 @@ def _jax_functions() -> Any:
     import jax.numpy as jnp
     from jax import lax
 
-    from . import _reductions
+    from . import _losses, _reductions
 
     def kernel_call(func: str, x: Any, t: float) -> Any:
         """The FFI call on ``x`` with the reduced axis last."""
@@ -512,7 +569,88 @@ def _jax_functions() -> Any:
     def entry(func: str, axis: int, t: float, cpu_only: bool, x: Any) -> Any:
         return value(func, axis, t, cpu_only, x)
 
-    return entry
+    def ce_on_cpu(eps: float, x: Any, t: Any) -> Any:
+        call = jax.ffi.ffi_call(
+            _target("cross_entropy", x.dtype.name),
+            jax.ShapeDtypeStruct(x.shape[:-1], jnp.float32),
+            vmap_method="broadcast_all",
+        )
+        return call(x, t, jnp.asarray(np.array([eps]).view(np.uint32)))
+
+    def ce_generic(eps: float, x: Any, t: Any) -> Any:
+        # the generic kernels on the targets as prepared (-1: contributes 0)
+        loss = _losses.cross_entropy(
+            x, jnp.where(t < 0, 0, t), reduction="none", label_smoothing=eps
+        )
+        return jnp.where(t < 0, 0.0, loss.astype(jnp.float32))
+
+    @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
+    def ce_rows(eps: float, cpu_only: bool, x: Any, t: Any) -> Any:
+        """The unweighted per-sample loss (float32), classes on the last axis; 0 where
+        ``t`` is -1."""
+        if cpu_only:
+            return ce_on_cpu(eps, x, t)
+        return lax.platform_dependent(
+            x,
+            t,
+            cpu=functools.partial(ce_on_cpu, eps),
+            default=functools.partial(ce_generic, eps),
+        )
+
+    @ce_rows.defjvp
+    def ce_rows_jvp(eps: float, cpu_only: bool, primals: Any, tangents: Any) -> tuple[Any, Any]:
+        # d loss = (p - e / C - (1 - e) onehot(t)) . dx, 0 for a sample of target -1;
+        # in an all -inf row (p = 0) -(1 - e) onehot(t), as the generic kernels give
+        x, t = primals
+        dx = tangents[0]
+        loss = ce_rows(eps, cpu_only, x, t)
+        x32 = x.astype(jnp.float32)
+        p = value("softmax", x.ndim - 1, 1.0, cpu_only, x32)
+        n = x.shape[-1]
+        onehot = jnp.arange(n) == t[..., None]
+        dead = jnp.max(x32, axis=-1, keepdims=True) == -jnp.inf
+        g = p - jnp.where(dead, 0.0, eps / n) - jnp.where(onehot, 1.0 - eps, 0.0)
+        g = jnp.where(t[..., None] < 0, 0.0, g)
+        return loss, jnp.sum(g * dx.astype(jnp.float32), axis=-1)
+
+    @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
+    def ce_entry(
+        axis: int,
+        ignore_index: int,
+        reduction: str,
+        eps: float,
+        cpu_only: bool,
+        x: Any,
+        target: Any,
+        weight: Any,
+    ) -> Any:
+        xm = jnp.moveaxis(x, axis, -1)
+        n = xm.shape[-1]
+        ignored = target == ignore_index
+        # a target out of range gives NaN (SPEC §4 under tracing; eager calls with one
+        # take the generic path, which raises)
+        bad = ~ignored & ((target < 0) | (target >= n))
+        t = jnp.where(ignored | bad, -1, target).astype(jnp.int32)
+        loss = ce_rows(eps, cpu_only, xm, t)
+        if weight is None:
+            counted = jnp.where(ignored, 0.0, 1.0)
+        else:
+            w_t = jnp.where(t < 0, 0.0, weight.astype(jnp.float32)[jnp.maximum(t, 0)])
+            # a class of weight 0 contributes 0, even where its loss is +inf
+            loss = w_t * jnp.where(w_t == 0, 0.0, loss)
+            counted = w_t
+        loss = jnp.where(bad, jnp.nan, loss)
+        if reduction == "none":
+            return loss.astype(x.dtype)
+        total = jnp.sum(loss)
+        if reduction == "sum":
+            return total.astype(x.dtype)
+        # a mean over no kept sample is 0, with a zero gradient (SPEC §4)
+        count = jnp.sum(counted)
+        mean = jnp.where(count == 0, 0.0, total / jnp.where(count == 0, 1.0, count))
+        return mean.astype(x.dtype)
+
+    return entry, ce_entry
 
 
 def _cpu_only(x: Any) -> bool | None:
@@ -542,7 +680,7 @@ def normalise(func: str, x: Any, axis: int, t: float) -> Any:
     cpu = _cpu_only(x)
     if cpu is False:
         return None
-    return _jax_functions()(func, axis, t, bool(cpu), x)
+    return _jax_functions()[0](func, axis, t, bool(cpu), x)
 
 
 def logsumexp(x: Any, axis: int, keepdims: bool) -> Any:
@@ -550,5 +688,34 @@ def logsumexp(x: Any, axis: int, keepdims: bool) -> Any:
     cpu = _cpu_only(x)
     if cpu is False:
         return None
-    out = _jax_functions()("logsumexp", axis, 1.0, bool(cpu), x)
+    out = _jax_functions()[0]("logsumexp", axis, 1.0, bool(cpu), x)
     return out.reshape((*out.shape[:axis], 1, *out.shape[axis:])) if keepdims else out
+
+
+def cross_entropy(
+    x: Any,
+    target: Any,
+    axis: int,
+    weight: Any,
+    ignore_index: int,
+    reduction: str,
+    smoothing: float,
+) -> Any:
+    """Hard-target cross-entropy of the JAX array ``x`` (classes along ``axis``, an
+    index) against integer ``target`` of its sample shape, or None where the kernels
+    do not apply: class weights with label smoothing (the kernel's smoothing term is
+    unweighted), or an eager call with a target out of range (the generic path
+    raises). The kernel gives each sample's unweighted loss; weights, the ignored
+    samples and the reduction are applied here."""
+    import jax
+
+    cpu = _cpu_only(x)
+    if cpu is False or (weight is not None and smoothing > 0):
+        return None
+    if not isinstance(target, jax.core.Tracer):
+        # (in NumPy: under a trace, jnp would stage this check on a captured target)
+        values, n = np.asarray(target), x.shape[axis]
+        if ((values != ignore_index) & ((values < 0) | (values >= n))).any():
+            return None
+    ce_entry = _jax_functions()[1]
+    return ce_entry(axis, ignore_index, reduction, smoothing, bool(cpu), x, target, weight)

@@ -165,3 +165,20 @@ def backend(request: pytest.FixtureRequest) -> Backend:
 
 def backends_named(*names: str) -> list[Backend]:
     return [b for b in BACKENDS if b.name in names]
+
+
+def spy_kernels(monkeypatch: pytest.MonkeyPatch, names: list[str]) -> list[str]:
+    """Record, in the list returned, the name of each generic kernel of ``names``
+    (functions of ``stablemath._kernels``) at each of its calls."""
+    from stablemath import _kernels
+
+    calls: list[str] = []
+    for name in names:
+        real = getattr(_kernels, name)
+
+        def spy(*args: Any, _real: Any = real, _name: str = name, **kwargs: Any) -> Any:
+            calls.append(_name)
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(_kernels, name, spy)
+    return calls

@@ -10,7 +10,7 @@ import os
 
 import numpy as np
 import pytest
-from conftest import backends_named
+from conftest import backends_named, spy_kernels
 
 import stablemath as sm
 from stablemath import _fastpaths, _kernels
@@ -43,16 +43,7 @@ def tb(request):
 @pytest.fixture
 def generic_calls(monkeypatch):
     """Count the calls of the generic kernels."""
-    calls = []
-    for name in FUNCS:
-        real = getattr(_kernels, name)
-
-        def spy(*args, _real=real, _name=name, **kwargs):
-            calls.append(_name)
-            return _real(*args, **kwargs)
-
-        monkeypatch.setattr(_kernels, name, spy)
-    return calls
+    return spy_kernels(monkeypatch, FUNCS)
 
 
 def _call(fb, func, row, dtype="float32", **kw):

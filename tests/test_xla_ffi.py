@@ -11,10 +11,10 @@ import math
 
 import numpy as np
 import pytest
-from conftest import DEVICE, backends_named
+from conftest import DEVICE, backends_named, spy_kernels
 
 import stablemath as sm
-from stablemath import _fastpaths, _kernels
+from stablemath import _fastpaths
 
 pytestmark = pytest.mark.skipif(
     not backends_named("jax") or DEVICE != "cpu", reason="the jax backend on the CPU"
@@ -54,17 +54,8 @@ def jax(monkeypatch):
 
 @pytest.fixture
 def generic_calls(monkeypatch):
-    calls = []
-    for name in FUNCS:
-        real = getattr(_kernels, name)
-
-        def spy(*args, _real=real, _name=name, **kwargs):
-            calls.append(_name)
-            return _real(*args, **kwargs)
-
-        monkeypatch.setattr(_kernels, name, spy)
     monkeypatch.delenv(_fastpaths.DISABLE_ENV, raising=False)
-    return calls
+    return spy_kernels(monkeypatch, FUNCS)
 
 
 def _generic(jax, func, x, monkeypatch, **kw):
@@ -211,3 +202,139 @@ def test_platform_dependent_form(jax, monkeypatch):
     _close(
         np.asarray(f(x), np.float64), _generic(jax, "softmax", x, monkeypatch, axis=0), "float32"
     )
+
+
+# --- cross-entropy -------------------------------------------------------------------
+
+CE_TARGETS = np.array([2, 1, 0, 2, 0, 2, 3, -100])  # one per EDGES row; -100 ignored
+CE_OPTIONS = [
+    {"reduction": "none"},
+    {"reduction": "none", "label_smoothing": 0.1},
+    {"reduction": "mean"},
+    {"reduction": "sum", "label_smoothing": 0.3},
+    {"reduction": "none", "weight": [1.0, 2.0, 0.0, 0.5, 1.0]},
+    {"reduction": "mean", "weight": [1.0, 2.0, 0.5, 0.5, 1.0]},
+    {"reduction": "mean", "ignore_index": 2},
+]
+
+
+def _ce(jax, x, t, monkeypatch, generic=False, **kw):
+    import jax.numpy as jnp
+
+    if "weight" in kw:
+        kw["weight"] = jnp.asarray(kw["weight"], dtype="float32")
+    if generic:
+        monkeypatch.setenv(_fastpaths.DISABLE_ENV, "1")
+    try:
+        f = jax.jit(lambda a, b: sm.cross_entropy(a, b, **kw))
+        return np.asarray(f(x, t), dtype=np.float64)
+    finally:
+        monkeypatch.delenv(_fastpaths.DISABLE_ENV, raising=False)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_cross_entropy_ffi_call_is_what_runs(jax, dtype, monkeypatch):
+    import jax.numpy as jnp
+
+    spied = spy_kernels(monkeypatch, ["cross_entropy"])
+    x = jnp.asarray(_edges(dtype)[:1], dtype=dtype)
+    t = jnp.asarray(CE_TARGETS[:1])
+    hlo = jax.jit(sm.cross_entropy).lower(x, t).compile().as_text()
+    assert f"stablemath_cross_entropy_{dtype}" in hlo
+    sm.cross_entropy(x, t, weight=jnp.ones(5, dtype="float32"))
+    assert spied == []
+    sm.cross_entropy(x, t, weight=jnp.ones(5, dtype="float32"), label_smoothing=0.1)
+    sm.cross_entropy(x, t, z_loss=1e-4)
+    assert len(spied) == 2  # weights with smoothing, z_loss: the generic kernels
+
+
+@pytest.mark.parametrize("options", CE_OPTIONS, ids=str)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cross_entropy_matches_the_generic_kernels(jax, options, dtype, monkeypatch):
+    """Every SPEC §3 edge row (its target at the +inf, the -inf, the NaN...), the
+    options, each reduction."""
+    import jax.numpy as jnp
+
+    x = jnp.asarray(_edges(dtype), dtype=dtype)
+    t = jnp.asarray(CE_TARGETS)
+    got = _ce(jax, x, t, monkeypatch, **options)
+    want = _ce(jax, x, t, monkeypatch, generic=True, **options)
+    _close(np.atleast_1d(got), np.atleast_1d(want), dtype)
+    finite = jnp.asarray(_edges(dtype)[[0, 6, 7]], dtype=dtype)  # a finite mean, too
+    tf = jnp.asarray(CE_TARGETS[[0, 6, 7]])
+    got = _ce(jax, finite, tf, monkeypatch, **options)
+    _close(
+        np.atleast_1d(got),
+        np.atleast_1d(_ce(jax, finite, tf, monkeypatch, True, **options)),
+        dtype,
+    )
+
+
+def test_cross_entropy_bad_target(jax, monkeypatch):
+    """SPEC §4: NaN for that sample under jit, ValueError on eager arrays."""
+    import jax.numpy as jnp
+
+    x = jnp.asarray(EDGES[[0, 6]], dtype="float32")
+    t = jnp.asarray([7, 2])
+    got = _ce(jax, x, t, monkeypatch, reduction="none")
+    assert np.isnan(got[0]) and np.isfinite(got[1])
+    with pytest.raises((ValueError, IndexError)):
+        sm.cross_entropy(x, t)
+
+
+@pytest.mark.parametrize("options", CE_OPTIONS[:5], ids=str)
+def test_cross_entropy_derivatives_match_the_generic_kernels(jax, options, monkeypatch):
+    """Reverse mode w.r.t. logits and weights, forward mode, under jit: finite at
+    every edge but NaN (SPEC §3: softmax - onehot, -onehot in an all -inf row, the
+    limit in a +inf row)."""
+    import jax.numpy as jnp
+
+    rows = [0, 1, 2, 3, 6, 7]
+    x = jnp.asarray(EDGES[rows], dtype="float32")
+    t = jnp.asarray(CE_TARGETS[rows])
+    kw = dict(options)
+    weighted = "weight" in kw
+    weight = jnp.asarray(kw.pop("weight", [1.0] * 5), dtype="float32")
+    rng = np.random.default_rng(2)
+    dx = jnp.asarray(rng.standard_normal(x.shape), dtype="float32")
+    scale = jnp.arange(1.0, 1.0 + len(rows))  # a cotangent per sample
+
+    def f(a, w):
+        loss = sm.cross_entropy(a, t, weight=w if weighted else None, **kw)
+        return jnp.sum(loss * scale) if kw["reduction"] == "none" else loss
+
+    @jax.jit
+    def both(x, weight):
+        grads = jax.grad(f, argnums=(0, 1) if weighted else 0)(x, weight)
+        grads = grads if weighted else (grads,)
+        return (*grads, jax.jvp(lambda a: f(a, weight), (x,), (dx,))[1])
+
+    spied = spy_kernels(monkeypatch, ["cross_entropy"])
+    fast = both(x, weight)
+    assert spied == []  # the fast path's derivatives (with the FFI softmax)
+    monkeypatch.setenv(_fastpaths.DISABLE_ENV, "1")
+    jax.clear_caches()
+    generic = both(x, weight)
+    for got, want in zip(fast, generic, strict=True):
+        got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+        np.testing.assert_allclose(got, want, rtol=2e-6, atol=2e-6, equal_nan=True)
+    assert np.isfinite(np.asarray(fast[0])).all()
+
+
+def test_cross_entropy_large_and_vmapped(jax, monkeypatch):
+    """Rows shared among the pool threads, refused rows in several blocks; and vmap."""
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((800, 300)) * 20
+    x[[0, 400, 799]] = EDGES[[1, 3, 4], :1]
+    t = rng.integers(0, 300, 800)
+    t[5] = -100
+    xb, tb = jnp.asarray(x, dtype="float32"), jnp.asarray(t)
+    for options in ({"reduction": "none"}, {"reduction": "none", "label_smoothing": 0.2}):
+        got = _ce(jax, xb, tb, monkeypatch, **options)
+        _close(got, _ce(jax, xb, tb, monkeypatch, generic=True, **options), "float32")
+    batched = jax.vmap(lambda a, b: sm.cross_entropy(a, b, reduction="none"))
+    got = np.asarray(batched(xb.reshape(4, 200, 300), tb.reshape(4, 200)), np.float64)
+    want = _ce(jax, xb, tb, monkeypatch, generic=True, reduction="none")
+    _close(got.reshape(-1), want, "float32")
