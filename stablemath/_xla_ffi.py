@@ -33,7 +33,9 @@ How:
   ``1/k`` at its ``k`` infinite entries, which makes these the limits the generic
   kernels give (SPEC §3);
 * cross-entropy: the kernel gives each sample's unweighted loss (with label
-  smoothing ``e``) in one pass over the logits; class weights (without smoothing),
+  smoothing ``e``) in one pass over the logits, and under differentiation its
+  gradient in the same pass (a second target; a ``custom_jvp`` of the pair gives the
+  gradient's own derivative, through the softmax's); class weights (without smoothing),
   ``ignore_index``, targets out of range (NaN, SPEC §4) and the reduction are applied
   in JAX on those per-sample values. Weights with smoothing, ``temperature``,
   ``softcap``, ``z_loss``, ``where`` and soft targets take the generic kernels;
@@ -245,10 +247,10 @@ _ERROR_DESTROY, _SCHEDULE, _NUM_THREADS = 8, 17, 18
 # row, a "refused" flag, the threads inside a block of rows, the references to the job
 # (the caller's and each scheduled task's: the last one out frees it), rows per block,
 # rows, row length, x, out, the kernel's parameter (float64: 1/T, or the smoothing of a
-# cross-entropy), the targets of a cross-entropy
+# cross-entropy), the addresses of a cross-entropy's targets
 _NEXT, _REFUSED, _ACTIVE, _REFS, _STEP, _JOB_ROWS, _JOB_N, _JOB_X, _JOB_OUT, _PARAM = range(10)
-_TARGETS_AT = 10
-_JOB_WORDS = 11
+_TARGETS_AT, _GRAD_AT = 10, 11  # and the gradient's, for a cross-entropy with it
+_JOB_WORDS = 12
 
 
 @numba.njit(cache=True)
@@ -289,31 +291,51 @@ def _rows_runner(kernel: Any, element: Any, kind: str) -> Any:
     cross-entropy at ``targets``, -1 for a sample that contributes 0); False where it
     refuses one. ``kind``: "normalise" (``out`` like ``x``), "reduce" (one float32 a
     row, the logsumexp), "cross_entropy" (one float32 loss a row, unweighted, with
-    smoothing ``param``)."""
+    smoothing ``param``), "cross_entropy_grad" (that, and at address ``grad`` its
+    gradient, float32 like ``x``)."""
     if kind == "normalise":
 
         @numba.njit(cache=True)
-        def run_rows(x: Any, out: int, targets: int, r0: int, r1: int, param: float) -> bool:
+        def run_rows(
+            x: Any, out: int, targets: int, grad: int, r0: int, r1: int, param: float
+        ) -> bool:
             result = numba.carray(_address(out), x.shape, element)
             return kernel(x, result, r0, r1, param)
 
     elif kind == "reduce":
 
         @numba.njit(cache=True)
-        def run_rows(x: Any, out: int, targets: int, r0: int, r1: int, param: float) -> bool:
+        def run_rows(
+            x: Any, out: int, targets: int, grad: int, r0: int, r1: int, param: float
+        ) -> bool:
             result = numba.carray(_address(out), (x.shape[0],), np.float32)
             return kernel(x, result, r0, r1, 1.0)
 
-    else:
+    elif kind == "cross_entropy":
 
         @numba.njit(cache=True)
-        def run_rows(x: Any, out: int, targets: int, r0: int, r1: int, param: float) -> bool:
+        def run_rows(
+            x: Any, out: int, targets: int, grad: int, r0: int, r1: int, param: float
+        ) -> bool:
             rows = x.shape[0]
             loss = numba.carray(_address(out), (rows,), np.float32)
             target = numba.carray(_address(targets), (rows,), np.int32)
             no_weight = np.empty(0, np.float64)
             no_grad = np.empty((0, 0), np.float32)
             return kernel(x, loss, r0, r1, target, no_weight, -1, param, no_grad, 1.0)
+
+    else:  # the loss and its gradient, in one pass
+
+        @numba.njit(cache=True)
+        def run_rows(
+            x: Any, out: int, targets: int, grad: int, r0: int, r1: int, param: float
+        ) -> bool:
+            rows = x.shape[0]
+            loss = numba.carray(_address(out), (rows,), np.float32)
+            target = numba.carray(_address(targets), (rows,), np.int32)
+            g = numba.carray(_address(grad), x.shape, np.float32)
+            no_weight = np.empty(0, np.float64)
+            return kernel(x, loss, r0, r1, target, no_weight, -1, param, g, 1.0)
 
     return run_rows
 
@@ -336,7 +358,8 @@ def _work(run_rows: Any, element: Any) -> Any:
                 _atomic_add(job + 8 * _ACTIVE, -1)
                 return
             r1 = min(r0 + step, rows)
-            if not run_rows(x, words[_JOB_OUT], words[_TARGETS_AT], r0, r1, param):
+            out, targets, grad = words[_JOB_OUT], words[_TARGETS_AT], words[_GRAD_AT]
+            if not run_rows(x, out, targets, grad, r0, r1, param):
                 words[_REFUSED] = 1
             _atomic_add(job + 8 * _ACTIVE, -1)
 
@@ -344,10 +367,11 @@ def _work(run_rows: Any, element: Any) -> Any:
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _edge_cross_entropy(x: Any, t: int, smoothing: float) -> float:
+def _edge_cross_entropy(x: Any, t: int, smoothing: float, grad: Any) -> float:
     """The unweighted loss of the one row of ``x`` that the kernel refused, from its
     log-probabilities (the log_softmax kernel's, or their SPEC §3 edge values):
-    ``-lp[t]``, with smoothing ``(1 - e) (-lp[t]) + e / C sum_c (-lp[c])``."""
+    ``-lp[t]``, with smoothing ``(1 - e) (-lp[t]) + e / C sum_c (-lp[c])``; unless
+    ``grad`` is empty, its gradient into ``grad``."""
     n = x.shape[1]
     lp = np.empty((1, n), np.float64)
     if not ck.log_softmax_rows(x, lp, 0, 1, 1.0):
@@ -358,6 +382,15 @@ def _edge_cross_entropy(x: Any, t: int, smoothing: float) -> float:
         for c in range(n):
             acc -= lp[0, c]
         loss = (1.0 - smoothing) * loss + smoothing * acc / n
+    if grad.shape[0] > 0:
+        # p - e / C - (1 - e) onehot(t), p = exp(lp); -(1 - e) onehot(t) in an all
+        # -inf row (the generic kernels' limit)
+        dead = True
+        for c in range(n):
+            dead = dead and lp[0, c] == -math.inf
+        spread = 0.0 if dead else smoothing / n
+        for c in range(n):
+            grad[c] = math.exp(lp[0, c]) - spread - ((1.0 - smoothing) if c == t else 0.0)
     return loss
 
 
@@ -391,19 +424,20 @@ def _handler(kernel: Any, element: Any, kind: str) -> Any:
     _CFUNCS.append(task)
     task_address = task.address
 
-    def run(frame: Any, x: Any, out: int, targets: int, param: float) -> bool:
+    def run(frame: Any, x: Any, out: int, targets: int, grad: int, param: float) -> bool:
         rows, n = x.shape
         threads = 1 if x.size < 2 * ck._MIN_PARALLEL else _pool_threads(frame)
         threads = min(threads, rows, x.size // ck._MIN_PARALLEL)
         job = _malloc(8 * _JOB_WORDS) if threads > 1 else 0
         if job == 0:
-            return run_rows(x, out, targets, 0, rows, param)
+            return run_rows(x, out, targets, grad, 0, rows, param)
         words = numba.carray(_address(job), (_JOB_WORDS,), np.int64)
         words[:] = 0
         words[_REFS] = threads
         words[_STEP] = max(1, min(rows // threads, ck._BLOCK // max(1, n)))
         words[_JOB_ROWS], words[_JOB_N] = rows, n
         words[_JOB_X], words[_JOB_OUT], words[_TARGETS_AT] = x.ctypes.data, out, targets
+        words[_GRAD_AT] = grad
         numba.carray(_address(job), (_JOB_WORDS,), np.float64)[_PARAM] = param
         api = numba.carray(_address(frame[_API]), (_SCHEDULE + 1,), np.int64)
         args = np.zeros(5, np.int64)
@@ -421,7 +455,8 @@ def _handler(kernel: Any, element: Any, kind: str) -> Any:
         return ok
 
     run = numba.njit(run)
-    cross_entropy = kind == "cross_entropy"
+    cross_entropy = kind.startswith("cross_entropy")
+    with_grad = kind == "cross_entropy_grad"
 
     def handler(frame_address: Any) -> int:
         frame = numba.carray(frame_address, (22,), np.int64)
@@ -431,13 +466,14 @@ def _handler(kernel: Any, element: Any, kind: str) -> Any:
         targets = _buffer(frame[_ARGS], 1)[_DATA] if cross_entropy else 0
         pb = _buffer(frame[_ARGS], 2 if cross_entropy else 1)
         out = _buffer(frame[_RETS], 0)[_DATA]
+        grad = _buffer(frame[_RETS], 1)[_DATA] if with_grad else 0
         rows, n = _rows(xb)
         x = numba.carray(_address(xb[_DATA]), (rows, n), element)
         param = numba.carray(_address(pb[_DATA]), (1,), np.float64)[0]
-        if run(frame, x, out, targets, param):
+        if run(frame, x, out, targets, grad, param):
             return 0  # a null XLA_FFI_Error*: success
         for i in range(rows):
-            if run_rows(x, out, targets, i, i + 1, param):
+            if run_rows(x, out, targets, grad, i, i + 1, param):
                 continue
             if kind == "normalise":
                 edge(x[i], numba.carray(_address(out), (rows, n), element)[i])
@@ -446,7 +482,11 @@ def _handler(kernel: Any, element: Any, kind: str) -> Any:
             else:
                 t = numba.carray(_address(targets), (rows,), np.int32)[i]
                 loss = numba.carray(_address(out), (rows,), np.float32)
-                loss[i] = _edge_cross_entropy(x[i : i + 1], t, param)
+                if with_grad:
+                    g = numba.carray(_address(grad), (rows, n), np.float32)[i]
+                else:
+                    g = np.empty(0, np.float32)
+                loss[i] = _edge_cross_entropy(x[i : i + 1], t, param, g)
         return 0
 
     return handler
@@ -457,6 +497,7 @@ _KERNELS = {
     "log_softmax": (ck.log_softmax_rows, "normalise"),
     "logsumexp": (ck.logsumexp_rows, "reduce"),
     "cross_entropy": (ck.cross_entropy_rows, "cross_entropy"),
+    "cross_entropy_grad": (ck.cross_entropy_rows, "cross_entropy_grad"),
 }
 # the element type the kernels read each dtype as (half precision: its bits)
 _ELEMENTS = {"float32": np.float32, "bfloat16": np.uint16, "float16": np.int16}
@@ -569,49 +610,76 @@ def _jax_functions() -> Any:
     def entry(func: str, axis: int, t: float, cpu_only: bool, x: Any) -> Any:
         return value(func, axis, t, cpu_only, x)
 
-    def ce_on_cpu(eps: float, x: Any, t: Any) -> Any:
+    def ce_on_cpu(eps: float, with_grad: bool, x: Any, t: Any) -> Any:
+        loss = jax.ShapeDtypeStruct(x.shape[:-1], jnp.float32)
+        results = (loss, jax.ShapeDtypeStruct(x.shape, jnp.float32)) if with_grad else loss
         call = jax.ffi.ffi_call(
-            _target("cross_entropy", x.dtype.name),
-            jax.ShapeDtypeStruct(x.shape[:-1], jnp.float32),
+            _target("cross_entropy_grad" if with_grad else "cross_entropy", x.dtype.name),
+            results,
             vmap_method="broadcast_all",
         )
         return call(x, t, jnp.asarray(np.array([eps]).view(np.uint32)))
 
-    def ce_generic(eps: float, x: Any, t: Any) -> Any:
-        # the generic kernels on the targets as prepared (-1: contributes 0)
-        loss = _losses.cross_entropy(
-            x, jnp.where(t < 0, 0, t), reduction="none", label_smoothing=eps
-        )
-        return jnp.where(t < 0, 0.0, loss.astype(jnp.float32))
-
-    @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
-    def ce_rows(eps: float, cpu_only: bool, x: Any, t: Any) -> Any:
-        """The unweighted per-sample loss (float32), classes on the last axis; 0 where
-        ``t`` is -1."""
-        if cpu_only:
-            return ce_on_cpu(eps, x, t)
-        return lax.platform_dependent(
-            x,
-            t,
-            cpu=functools.partial(ce_on_cpu, eps),
-            default=functools.partial(ce_generic, eps),
-        )
-
-    @ce_rows.defjvp
-    def ce_rows_jvp(eps: float, cpu_only: bool, primals: Any, tangents: Any) -> tuple[Any, Any]:
-        # d loss = (p - e / C - (1 - e) onehot(t)) . dx, 0 for a sample of target -1;
-        # in an all -inf row (p = 0) -(1 - e) onehot(t), as the generic kernels give
-        x, t = primals
-        dx = tangents[0]
-        loss = ce_rows(eps, cpu_only, x, t)
+    def ce_gradient(eps: float, cpu_only: bool, x: Any, t: Any) -> Any:
+        # p - e / C - (1 - e) onehot(t), 0 for a sample of target -1; in an all -inf
+        # row (p = 0) -(1 - e) onehot(t), as the generic kernels give
         x32 = x.astype(jnp.float32)
         p = value("softmax", x.ndim - 1, 1.0, cpu_only, x32)
         n = x.shape[-1]
         onehot = jnp.arange(n) == t[..., None]
         dead = jnp.max(x32, axis=-1, keepdims=True) == -jnp.inf
         g = p - jnp.where(dead, 0.0, eps / n) - jnp.where(onehot, 1.0 - eps, 0.0)
-        g = jnp.where(t[..., None] < 0, 0.0, g)
-        return loss, jnp.sum(g * dx.astype(jnp.float32), axis=-1)
+        return jnp.where(t[..., None] < 0, 0.0, g)
+
+    def ce_generic(eps: float, with_grad: bool, x: Any, t: Any) -> Any:
+        # the generic kernels on the targets as prepared (-1: contributes 0)
+        loss = _losses.cross_entropy(
+            x, jnp.where(t < 0, 0, t), reduction="none", label_smoothing=eps
+        )
+        loss = jnp.where(t < 0, 0.0, loss.astype(jnp.float32))
+        return (loss, ce_gradient(eps, False, x, t)) if with_grad else loss
+
+    def ce_call(eps: float, with_grad: bool, cpu_only: bool, x: Any, t: Any) -> Any:
+        if cpu_only:
+            return ce_on_cpu(eps, with_grad, x, t)
+        return lax.platform_dependent(
+            x,
+            t,
+            cpu=functools.partial(ce_on_cpu, eps, with_grad),
+            default=functools.partial(ce_generic, eps, with_grad),
+        )
+
+    @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
+    def ce_rows(eps: float, cpu_only: bool, x: Any, t: Any) -> Any:
+        """The unweighted per-sample loss (float32), classes on the last axis; 0 where
+        ``t`` is -1."""
+        return ce_call(eps, False, cpu_only, x, t)
+
+    @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
+    def ce_rows_and_gradient(eps: float, cpu_only: bool, x: Any, t: Any) -> Any:
+        """``(loss, g)``: the loss of :func:`ce_rows` and its gradient, from one pass
+        of the kernel over the logits."""
+        return ce_call(eps, True, cpu_only, x, t)
+
+    @ce_rows.defjvp
+    def ce_rows_jvp(eps: float, cpu_only: bool, primals: Any, tangents: Any) -> tuple[Any, Any]:
+        x, t = primals
+        loss, g = ce_rows_and_gradient(eps, cpu_only, x, t)
+        return loss, jnp.sum(g * tangents[0].astype(jnp.float32), axis=-1)
+
+    @ce_rows_and_gradient.defjvp
+    def ce_rows_and_gradient_jvp(
+        eps: float, cpu_only: bool, primals: Any, tangents: Any
+    ) -> tuple[Any, Any]:
+        # the gradient moves with p, whose derivative is the softmax's: in a row that
+        # counts and is not all -inf, dg = dp = p (dx - sum(p dx))
+        x, t = primals
+        dx = tangents[0].astype(jnp.float32)
+        loss, g = ce_rows_and_gradient(eps, cpu_only, x, t)
+        p = value("softmax", x.ndim - 1, 1.0, cpu_only, x.astype(jnp.float32))
+        still = (t[..., None] < 0) | (jnp.max(x, axis=-1, keepdims=True) == -jnp.inf)
+        dp = p * (dx - jnp.sum(p * dx, axis=-1, keepdims=True))
+        return (loss, g), (jnp.sum(g * dx, axis=-1), jnp.where(still, 0.0, dp))
 
     @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
     def ce_entry(

@@ -338,3 +338,25 @@ def test_cross_entropy_large_and_vmapped(jax, monkeypatch):
     got = np.asarray(batched(xb.reshape(4, 200, 300), tb.reshape(4, 200)), np.float64)
     want = _ce(jax, xb, tb, monkeypatch, generic=True, reduction="none")
     _close(got.reshape(-1), want, "float32")
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+def test_cross_entropy_second_derivatives(jax, smoothing, monkeypatch):
+    """The Hessian w.r.t. the logits (the gradient from the kernel moves with the
+    softmax), against the generic kernels', on finite rows, a +inf and an all -inf row
+    and an ignored sample (whose curvature would not be 0)."""
+    import jax.numpy as jnp
+
+    rows = [[0.3, -1.2, 2.0, 0.7, 1.0], [1.0, 0.5, -0.5, 2.0, 0.0]]
+    x = jnp.asarray(np.concatenate([EDGES[[0, 1, 3]], rows]), "float32")
+    t = jnp.asarray([2, 1, 0, -100, 3])
+
+    def f(a):
+        return sm.cross_entropy(a, t, label_smoothing=smoothing, reduction="sum")
+
+    fast = np.asarray(jax.jit(jax.hessian(f))(x), np.float64)
+    monkeypatch.setenv(_fastpaths.DISABLE_ENV, "1")
+    jax.clear_caches()
+    generic = np.asarray(jax.jit(jax.hessian(f))(x), np.float64)
+    assert np.abs(fast).max() > 0.1  # (the finite rows' curvature)
+    np.testing.assert_allclose(fast, generic, rtol=1e-5, atol=1e-6)
