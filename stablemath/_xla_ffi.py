@@ -637,9 +637,11 @@ def _jax_functions() -> Any:
         return jnp.where(t[..., None] < 0, 0.0, g)
 
     def ce_generic(eps: float, with_grad: bool, x: Any, t: Any) -> Any:
-        # the generic kernels on the targets as prepared (-1: contributes 0)
+        # the generic kernels on the targets as prepared (-1: contributes 0); the
+        # all-true where keeps the call off the fast paths (which would come back here)
+        keep = jnp.ones(t.shape, dtype=bool)
         loss = _losses.cross_entropy(
-            x, jnp.where(t < 0, 0, t), reduction="none", label_smoothing=eps
+            x, jnp.where(t < 0, 0, t), reduction="none", label_smoothing=eps, where=keep
         )
         loss = jnp.where(t < 0, 0.0, loss.astype(jnp.float32))
         return (loss, ce_gradient(eps, False, x, t)) if with_grad else loss

@@ -360,3 +360,31 @@ def test_cross_entropy_second_derivatives(jax, smoothing, monkeypatch):
     generic = np.asarray(jax.jit(jax.hessian(f))(x), np.float64)
     assert np.abs(fast).max() > 0.1  # (the finite rows' curvature)
     np.testing.assert_allclose(fast, generic, rtol=1e-5, atol=1e-6)
+
+
+def test_cross_entropy_platform_dependent_form(jax, monkeypatch):
+    """As test_platform_dependent_form, for the cross-entropy and its gradient: the
+    CPU branch is the FFI call, and the other branch (the generic kernels) must not
+    come back to the fast path (it recursed, at trace time)."""
+    import jax.numpy as jnp
+
+    from stablemath import _xla_ffi
+
+    monkeypatch.setattr(_xla_ffi, "_cpu_only", lambda x: None)
+    x = jnp.asarray(EDGES, dtype="float32")
+    t = jnp.asarray(CE_TARGETS)
+
+    def loss(v):
+        return sm.cross_entropy(v, t, label_smoothing=0.1)
+
+    f = jax.jit(jax.value_and_grad(loss))
+    assert "stablemath_cross_entropy_grad_float32" in f.lower(x).compile().as_text()
+    got = f(x)
+    monkeypatch.setenv(_fastpaths.DISABLE_ENV, "1")
+    want = jax.jit(jax.value_and_grad(loss))(x)
+    for g, w in zip(got, want, strict=True):
+        _close(
+            np.atleast_1d(np.asarray(g, np.float64)),
+            np.atleast_1d(np.asarray(w, np.float64)),
+            "float32",
+        )
