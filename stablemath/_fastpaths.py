@@ -615,33 +615,22 @@ def cross_entropy(
 ) -> Any:
     """Cross-entropy with integer targets and the options torch has: the compiled
     kernel for NumPy arrays and float32 tensors outside autodiff, torch's
-    ``cross_entropy`` in float64 for other torch CPU tensors; None where the generic
+    ``cross_entropy`` in float64 for other torch CPU tensors, the kernel as an XLA FFI
+    call for JAX arrays (:func:`stablemath._xla_ffi.cross_entropy`); None where the generic
     kernel must decide (see above), and for anything it must reject: here ``axis`` is
     the int the caller gave, and the target's type, integer dtype and shape and the
     weight's type and shape are checked (the values, by the kernels)."""
     kind = _kind(x)
     if kind is None:
         return None
-    if kind == "jax":
-        jax = sys.modules["jax"]
-        arrays = isinstance(target, jax.Array) and (
-            weight is None or isinstance(weight, jax.Array)
-        )
-        if not arrays or target.dtype.kind not in "iu" or target.dtype == bool:
-            return None
-        if weight is not None and weight.dtype.kind != "f":
-            return None
-        shape = tuple(x.shape)
-        axis = _slice_axis(shape, axis)
-        if axis is None or x.size == 0 or tuple(target.shape) != shape[:axis] + shape[axis + 1 :]:
-            return None
-        if weight is not None and tuple(weight.shape) != shape[axis : axis + 1]:
-            return None
-        return _xla().cross_entropy(
-            x, target, axis, weight, ignore_index, reduction, label_smoothing
-        )
     if kind == "numpy":
         arrays = type(target) is np.ndarray and (weight is None or type(weight) is np.ndarray)
+        integers = arrays and target.dtype.kind in "iu"
+    elif kind == "jax":
+        jax = sys.modules["jax"]
+        arrays = isinstance(target, jax.Array) and (
+            weight is None or (isinstance(weight, jax.Array) and weight.dtype.kind == "f")
+        )
         integers = arrays and target.dtype.kind in "iu"
     else:
         tensor = sys.modules["torch"].Tensor
@@ -656,5 +645,11 @@ def cross_entropy(
         return None
     if weight is not None and tuple(weight.shape) != shape[axis : axis + 1]:
         return None
+    if kind == "jax":
+        if x.size == 0:  # (no rows: nothing for XLA to call the kernel on)
+            return None
+        return _xla().cross_entropy(
+            x, target, axis, weight, ignore_index, reduction, label_smoothing
+        )
     impl = _np_cross_entropy if kind == "numpy" else _torch_cross_entropy
     return impl(x, target, axis, weight, ignore_index, reduction, label_smoothing)

@@ -94,7 +94,7 @@ from numba.extending import intrinsic
 from . import _cpu_kernels as ck
 from ._cpu_team import _address
 
-__all__ = ["logsumexp", "normalise", "supported_dtype"]
+__all__ = ["cross_entropy", "logsumexp", "normalise", "supported_dtype"]
 
 # word offsets (int64) in XLA_FFI_CallFrame: extension_start, stage, args.args, rets.rets
 _EXTENSION, _STAGE, _ARGS, _RETS = 1, 4, 9, 14
