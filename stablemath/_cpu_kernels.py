@@ -452,6 +452,53 @@ def _row_loss(row: Any, t: int, m: float, total: float, weight: Any, smoothing: 
     return loss
 
 
+@numba.njit(fastmath=_SUM, cache=True, error_model="numpy")
+def _counted_exps_into(e: Any, row: Any, m: float) -> tuple[int, float]:
+    """``e[j] = exp(row[j] - m)``; the count ``k`` of the entries equal to ``m`` (whose
+    ``e`` is exactly 1) and the sum ``s`` of the others, as in :func:`_row_total`."""
+    s = 0.0
+    k = 0
+    for j in range(row.shape[0]):
+        d = _shift(row[j], m, 1.0)
+        v = _exp_nonpos(d)
+        e[j] = v
+        top = d == 0.0
+        k += top
+        s += 0.0 if top else v
+    return k, s
+
+
+def _row_scale(scale: Any, i: int) -> float:
+    """The factor of row ``i``'s gradient: ``scale`` itself, or ``scale[i]`` for an
+    array of them."""
+    raise NotImplementedError  # compiled only, see the overload
+
+
+@overload(_row_scale, inline="always")
+def _row_scale_impl(scale: Any, i: Any) -> Any:
+    if isinstance(scale, types.Array):
+
+        def of_row(scale: Any, i: Any) -> float:
+            return np.float64(scale[i])
+
+        return of_row
+
+    def the_same(scale: Any, i: Any) -> float:
+        return np.float64(scale)
+
+    return the_same
+
+
+@numba.njit(fastmath=_EXACT, cache=True, error_model="numpy")
+def _gradient_into(g: Any, e: Any, f: float, b: float, weight: Any) -> None:
+    """``g[c] = f e[c] - b w[c]`` (``w = 1`` for an empty ``weight``), one rounding to
+    ``g``'s dtype. Not in a function with ``reassoc`` (see :func:`_scale_into`)."""
+    weighted = weight.shape[0] > 0
+    for c in range(g.shape[0]):
+        wc = weight[c] if weighted else 1.0
+        _put(g, c, f * e[c] - b * wc)
+
+
 @numba.njit(nogil=True, fastmath=_SUM, cache=True, error_model="numpy")
 def cross_entropy_rows(
     x: Any,
@@ -463,7 +510,7 @@ def cross_entropy_rows(
     ignore_index: int,
     smoothing: float,
     grad: Any,
-    scale: float,
+    scale: Any,
 ) -> bool:
     """Per-sample cross-entropy ``out[i]`` of the rows ``r0 <= i < r1`` with integer
     targets, in float64: times ``weight[t]`` (none for an empty ``weight``), 0 for
@@ -476,13 +523,17 @@ def cross_entropy_rows(
     maximum, a ``-inf`` logit at the target (or anywhere, with smoothing).
 
     Unless ``grad`` is empty (shape ``(0, 0)``), the same pass over each row writes the
-    gradient of ``scale`` times its loss: ``grad[i, c] = scale (a p_c - eps w_c / C -
-    (1 - eps) w_t [c = t])`` with ``p = exp(x - logsumexp(x))`` and ``a = (1 - eps) w_t
-    + eps sum(w) / C``, rounded once; zero for an ignored row.
+    gradient of ``scale`` times its loss (``scale`` a number, or an array of one a
+    row): ``grad[i, c] = scale (a p_c - eps w_c / C - (1 - eps) w_t [c = t])`` with
+    ``p = exp(x - m) / (k + s)`` and ``a = (1 - eps) w_t + eps sum(w) / C``, rounded
+    once to ``grad``'s dtype (float32, or half-precision bits); zero for an ignored
+    row. The exponentials of the row are kept in a float64 row buffer for it: computing
+    them again took 1.2 times the time (4096x1000 and 256x32000 float32, one thread).
     """
     n = x.shape[1]
     weighted = weight.shape[0] > 0
     with_grad = grad.shape[0] > 0
+    e = np.empty(n if with_grad else 0, dtype=np.float64)
     wsum = 0.0
     for c in range(n):
         wsum += weight[c] if weighted else 1.0
@@ -491,24 +542,31 @@ def cross_entropy_rows(
         if t == ignore_index:
             out[i] = 0.0
             if with_grad:
-                grad[i, :] = 0.0
+                for c in range(n):
+                    _put(grad[i], c, 0.0)
             continue
         row = x[i]
-        m, total = _row_stats(row, 1.0)
+        if with_grad:
+            m = _row_max(row)
+            if not math.isfinite(m):
+                return False
+            k, s = _counted_exps_into(e, row, m)
+            total = math.log(k) + math.log1p(s / k)
+        else:
+            m, total = _row_stats(row, 1.0)
         loss = _row_loss(row, t, m, total, weight, smoothing)
         if loss != loss:
             return False
-        w = weight[t] if weighted else 1.0
         out[i] = loss
         if with_grad:
+            w = weight[t] if weighted else 1.0
+            sc = _row_scale(scale, i)
+            f = sc * ((1.0 - smoothing) * w + smoothing * wsum / n) / (k + s)
+            b = sc * smoothing / n
             g = grad[i]
-            a = scale * ((1.0 - smoothing) * w + smoothing * wsum / n)
-            b = scale * smoothing / n
-            for c in range(n):
-                p = _exp_nonpos(_shift(row[c], m, 1.0) - total)
-                g[c] = a * p - b * (weight[c] if weighted else 1.0)
-            p = _exp_nonpos(_shift(row[t], m, 1.0) - total)
-            g[t] = (a * p - b * w) - scale * (1.0 - smoothing) * w
+            _gradient_into(g, e, f, b, weight)
+            gt = (f * e[t] - b * w) - sc * (1.0 - smoothing) * w
+            _put(g, t, gt)
     return True
 
 

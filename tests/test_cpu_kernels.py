@@ -194,6 +194,48 @@ def test_cross_entropy_rows_split_over_threads(with_grad, monkeypatch):
         np.testing.assert_allclose(grad.astype(np.float64).sum(axis=1), 0.0, atol=1e-6)
 
 
+def test_cross_entropy_gradient_factors_per_row_and_half_precision():
+    """The gradient with one factor a row (the XLA FFI path's reduction factors)
+    equals the gradient with that factor as the number, row by row; written as
+    bfloat16 or float16 bits it is the float32 one rounded once (the float64 value
+    rounded to float32 first could differ only at a float32 tie); and it is the
+    analytic softmax - onehot against float64 NumPy."""
+    rng = np.random.default_rng(4)
+    x = (rng.standard_normal((37, 300)) * 6).astype(np.float32)
+    t = rng.integers(0, 300, 37)
+    t[5] = -100
+    no_weight = np.empty(0)
+    factors = rng.uniform(0.1, 3.0, 37).astype(np.float32)
+    loss = np.empty(37)
+    per_row = np.empty(x.shape, np.float32)
+    assert ck.cross_entropy_rows(x, loss, 0, 37, t, no_weight, -100, 0.2, per_row, factors)
+    one = np.empty((1, 300), np.float32)
+    for i in range(37):
+        f = float(factors[i])
+        assert ck.cross_entropy_rows(x, loss, i, i + 1, t, no_weight, -100, 0.2, one[:0], f)
+        whole = np.empty(x.shape, np.float32)
+        assert ck.cross_entropy_rows(x, loss, i, i + 1, t, no_weight, -100, 0.2, whole, f)
+        np.testing.assert_array_equal(per_row[i], whole[i])
+    x64 = x.astype(np.float64)
+    p = np.exp(x64 - x64.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    want = p - 0.2 / 300
+    want[np.arange(37), np.maximum(t, 0)] -= 0.8
+    want *= factors[:, None]
+    want[5] = 0.0
+    np.testing.assert_allclose(per_row, want, rtol=3e-7, atol=1e-12)
+    # bfloat16: the top half of the float32, rounded to nearest even
+    as_bits = per_row.view(np.uint32).astype(np.uint64)
+    bf16 = ((as_bits + 0x7FFF + ((as_bits >> 16) & 1)) >> 16).astype(np.uint16)
+    g = np.empty(x.shape, np.uint16)
+    assert ck.cross_entropy_rows(x, loss, 0, 37, t, no_weight, -100, 0.2, g, factors)
+    np.testing.assert_array_equal(g, bf16)
+    if ck.FLOAT16_CONVERSIONS:
+        g = np.empty(x.shape, np.int16)
+        assert ck.cross_entropy_rows(x, loss, 0, 37, t, no_weight, -100, 0.2, g, factors)
+        np.testing.assert_array_equal(g.view(np.float16), per_row.astype(np.float16))
+
+
 _FORK_SCRIPT = """
 import os, signal, sys
 import numpy as np
