@@ -37,8 +37,13 @@ How:
   gradient in the same pass (a second target; a ``custom_jvp`` of the pair gives the
   gradient's own derivative, through the softmax's); class weights (without smoothing),
   ``ignore_index``, targets out of range (NaN, SPEC §4) and the reduction are applied
-  in JAX on those per-sample values. Weights with smoothing, ``temperature``,
-  ``softcap``, ``z_loss``, ``where`` and soft targets take the generic kernels;
+  in JAX on those per-sample values. A mean or a sum is ``sum(s * loss)`` with the
+  factors ``s`` (``w[t] / count``) passed to the gradient target, which writes ``s``
+  times the gradient in the logits' dtype: the reverse-mode gradient is then that
+  array itself, without a second pass of XLA scaling it by the factors (and by the
+  upstream gradient, which is a constant 1 under ``jax.grad``: XLA drops the
+  product). Weights with smoothing, ``temperature``, ``softcap``, ``z_loss``,
+  ``where`` and soft targets take the generic kernels;
 * only where XLA compiles for one CPU device: arrays on a CPU device, or, for traced
   arrays in a process that also has accelerators, ``lax.platform_dependent`` (the
   generic kernels for every other platform); not for arrays sharded over several
@@ -254,8 +259,9 @@ _ERROR_DESTROY, _SCHEDULE, _NUM_THREADS = 8, 17, 18
 # rows, row length, x, out, the kernel's parameter (float64: 1/T, or the smoothing of a
 # cross-entropy), the addresses of a cross-entropy's targets
 _NEXT, _REFUSED, _ACTIVE, _REFS, _STEP, _JOB_ROWS, _JOB_N, _JOB_X, _JOB_OUT, _PARAM = range(10)
-_TARGETS_AT, _GRAD_AT = 10, 11  # and the gradient's, for a cross-entropy with it
-_JOB_WORDS = 12
+# and, for a cross-entropy with its gradient, those of the gradient and of its factors
+_TARGETS_AT, _GRAD_AT, _SCALES_AT = 10, 11, 12
+_JOB_WORDS = 13
 
 
 @numba.njit(cache=True)
@@ -291,18 +297,18 @@ def _release(job: int) -> None:
 
 
 def _rows_runner(kernel: Any, element: Any, kind: str) -> Any:
-    """``run_rows(x, out, targets, r0, r1, param)``: ``kernel`` on the rows
-    ``[r0, r1)`` of ``x``, its output at address ``out`` (and the int32 targets of a
-    cross-entropy at ``targets``, -1 for a sample that contributes 0); False where it
+    """``run_rows(x, out, targets, grad, scales, r0, r1, param)``: ``kernel`` on the
+    rows ``[r0, r1)`` of ``x``, its output at address ``out`` (and the int32 targets of
+    a cross-entropy at ``targets``, -1 for a sample that contributes 0); False where it
     refuses one. ``kind``: "normalise" (``out`` like ``x``), "reduce" (one float32 a
     row, the logsumexp), "cross_entropy" (one float32 loss a row, unweighted, with
-    smoothing ``param``), "cross_entropy_grad" (that, and at address ``grad`` its
-    gradient, float32 like ``x``)."""
+    smoothing ``param``), "cross_entropy_grad" (that, and at address ``grad`` the
+    gradient of each loss times its float32 factor at ``scales``, in ``x``'s dtype)."""
     if kind == "normalise":
 
         @numba.njit(cache=True)
         def run_rows(
-            x: Any, out: int, targets: int, grad: int, r0: int, r1: int, param: float
+            x: Any, out: int, targets: int, grad: int, scales: int, r0: int, r1: int, param: float
         ) -> bool:
             result = numba.carray(_address(out), x.shape, element)
             return kernel(x, result, r0, r1, param)
@@ -311,7 +317,7 @@ def _rows_runner(kernel: Any, element: Any, kind: str) -> Any:
 
         @numba.njit(cache=True)
         def run_rows(
-            x: Any, out: int, targets: int, grad: int, r0: int, r1: int, param: float
+            x: Any, out: int, targets: int, grad: int, scales: int, r0: int, r1: int, param: float
         ) -> bool:
             result = numba.carray(_address(out), (x.shape[0],), np.float32)
             return kernel(x, result, r0, r1, 1.0)
@@ -320,7 +326,7 @@ def _rows_runner(kernel: Any, element: Any, kind: str) -> Any:
 
         @numba.njit(cache=True)
         def run_rows(
-            x: Any, out: int, targets: int, grad: int, r0: int, r1: int, param: float
+            x: Any, out: int, targets: int, grad: int, scales: int, r0: int, r1: int, param: float
         ) -> bool:
             rows = x.shape[0]
             loss = numba.carray(_address(out), (rows,), np.float32)
@@ -333,14 +339,15 @@ def _rows_runner(kernel: Any, element: Any, kind: str) -> Any:
 
         @numba.njit(cache=True)
         def run_rows(
-            x: Any, out: int, targets: int, grad: int, r0: int, r1: int, param: float
+            x: Any, out: int, targets: int, grad: int, scales: int, r0: int, r1: int, param: float
         ) -> bool:
             rows = x.shape[0]
             loss = numba.carray(_address(out), (rows,), np.float32)
             target = numba.carray(_address(targets), (rows,), np.int32)
-            g = numba.carray(_address(grad), x.shape, np.float32)
+            g = numba.carray(_address(grad), x.shape, element)
+            factor = numba.carray(_address(scales), (rows,), np.float32)
             no_weight = np.empty(0, np.float64)
-            return kernel(x, loss, r0, r1, target, no_weight, -1, param, g, 1.0)
+            return kernel(x, loss, r0, r1, target, no_weight, -1, param, g, factor)
 
     return run_rows
 
@@ -364,7 +371,7 @@ def _work(run_rows: Any, element: Any) -> Any:
                 return
             r1 = min(r0 + step, rows)
             out, targets, grad = words[_JOB_OUT], words[_TARGETS_AT], words[_GRAD_AT]
-            if not run_rows(x, out, targets, grad, r0, r1, param):
+            if not run_rows(x, out, targets, grad, words[_SCALES_AT], r0, r1, param):
                 words[_REFUSED] = 1
             _atomic_add(job + 8 * _ACTIVE, -1)
 
@@ -372,11 +379,11 @@ def _work(run_rows: Any, element: Any) -> Any:
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _edge_cross_entropy(x: Any, t: int, smoothing: float, grad: Any) -> float:
+def _edge_cross_entropy(x: Any, t: int, smoothing: float, grad: Any, scale: float) -> float:
     """The unweighted loss of the one row of ``x`` that the kernel refused, from its
     log-probabilities (the log_softmax kernel's, or their SPEC §3 edge values):
     ``-lp[t]``, with smoothing ``(1 - e) (-lp[t]) + e / C sum_c (-lp[c])``; unless
-    ``grad`` is empty, its gradient into ``grad``."""
+    ``grad`` is empty, its gradient times ``scale`` into ``grad``."""
     n = x.shape[1]
     lp = np.empty((1, n), np.float64)
     if not ck.log_softmax_rows(x, lp, 0, 1, 1.0):
@@ -395,7 +402,9 @@ def _edge_cross_entropy(x: Any, t: int, smoothing: float, grad: Any) -> float:
             dead = dead and lp[0, c] == -math.inf
         spread = 0.0 if dead else smoothing / n
         for c in range(n):
-            grad[c] = math.exp(lp[0, c]) - spread - ((1.0 - smoothing) if c == t else 0.0)
+            # (a variable for the value: see _edge_softmax)
+            v = scale * (math.exp(lp[0, c]) - spread - ((1.0 - smoothing) if c == t else 0.0))
+            ck._put(grad, c, v)
     return loss
 
 
@@ -429,20 +438,22 @@ def _handler(kernel: Any, element: Any, kind: str) -> Any:
     _CFUNCS.append(task)
     task_address = task.address
 
-    def run(frame: Any, x: Any, out: int, targets: int, grad: int, param: float) -> bool:
+    def run(
+        frame: Any, x: Any, out: int, targets: int, grad: int, scales: int, param: float
+    ) -> bool:
         rows, n = x.shape
         threads = 1 if x.size < 2 * ck._MIN_PARALLEL else _pool_threads(frame)
         threads = min(threads, rows, x.size // ck._MIN_PARALLEL)
         job = _malloc(8 * _JOB_WORDS) if threads > 1 else 0
         if job == 0:
-            return run_rows(x, out, targets, grad, 0, rows, param)
+            return run_rows(x, out, targets, grad, scales, 0, rows, param)
         words = numba.carray(_address(job), (_JOB_WORDS,), np.int64)
         words[:] = 0
         words[_REFS] = threads
         words[_STEP] = max(1, min(rows // threads, ck._BLOCK // max(1, n)))
         words[_JOB_ROWS], words[_JOB_N] = rows, n
         words[_JOB_X], words[_JOB_OUT], words[_TARGETS_AT] = x.ctypes.data, out, targets
-        words[_GRAD_AT] = grad
+        words[_GRAD_AT], words[_SCALES_AT] = grad, scales
         numba.carray(_address(job), (_JOB_WORDS,), np.float64)[_PARAM] = param
         api = numba.carray(_address(frame[_API]), (_SCHEDULE + 1,), np.int64)
         args = np.zeros(5, np.int64)
@@ -469,16 +480,17 @@ def _handler(kernel: Any, element: Any, kind: str) -> Any:
             return 0
         xb = _buffer(frame[_ARGS], 0)
         targets = _buffer(frame[_ARGS], 1)[_DATA] if cross_entropy else 0
-        pb = _buffer(frame[_ARGS], 2 if cross_entropy else 1)
+        scales = _buffer(frame[_ARGS], 2)[_DATA] if with_grad else 0
+        pb = _buffer(frame[_ARGS], 3 if with_grad else 2 if cross_entropy else 1)
         out = _buffer(frame[_RETS], 0)[_DATA]
         grad = _buffer(frame[_RETS], 1)[_DATA] if with_grad else 0
         rows, n = _rows(xb)
         x = numba.carray(_address(xb[_DATA]), (rows, n), element)
         param = numba.carray(_address(pb[_DATA]), (1,), np.float64)[0]
-        if run(frame, x, out, targets, grad, param):
+        if run(frame, x, out, targets, grad, scales, param):
             return 0  # a null XLA_FFI_Error*: success
         for i in range(rows):
-            if run_rows(x, out, targets, grad, i, i + 1, param):
+            if run_rows(x, out, targets, grad, scales, i, i + 1, param):
                 continue
             if kind == "normalise":
                 edge(x[i], numba.carray(_address(out), (rows, n), element)[i])
@@ -488,10 +500,12 @@ def _handler(kernel: Any, element: Any, kind: str) -> Any:
                 t = numba.carray(_address(targets), (rows,), np.int32)[i]
                 loss = numba.carray(_address(out), (rows,), np.float32)
                 if with_grad:
-                    g = numba.carray(_address(grad), (rows, n), np.float32)[i]
+                    g = numba.carray(_address(grad), (rows, n), element)[i]
+                    scale = numba.carray(_address(scales), (rows,), np.float32)[i]
                 else:
-                    g = np.empty(0, np.float32)
-                loss[i] = _edge_cross_entropy(x[i : i + 1], t, param, g)
+                    g = np.empty(0, element)
+                    scale = np.float32(1.0)
+                loss[i] = _edge_cross_entropy(x[i : i + 1], t, param, g, scale)
         return 0
 
     return handler
@@ -615,15 +629,15 @@ def _jax_functions() -> Any:
     def entry(func: str, axis: int, t: float, cpu_only: bool, x: Any) -> Any:
         return value(func, axis, t, cpu_only, x)
 
-    def ce_on_cpu(eps: float, with_grad: bool, x: Any, t: Any) -> Any:
+    def ce_on_cpu(eps: float, with_grad: bool, x: Any, t: Any, *scales: Any) -> Any:
         loss = jax.ShapeDtypeStruct(x.shape[:-1], jnp.float32)
-        results = (loss, jax.ShapeDtypeStruct(x.shape, jnp.float32)) if with_grad else loss
+        results = (loss, jax.ShapeDtypeStruct(x.shape, x.dtype)) if with_grad else loss
         call = jax.ffi.ffi_call(
             _target("cross_entropy_grad" if with_grad else "cross_entropy", x.dtype.name),
             results,
             vmap_method="broadcast_all",
         )
-        return call(x, t, jnp.asarray(np.array([eps]).view(np.uint32)))
+        return call(x, t, *scales, jnp.asarray(np.array([eps]).view(np.uint32)))
 
     def ce_gradient(eps: float, cpu_only: bool, x: Any, t: Any) -> Any:
         # p - e / C - (1 - e) onehot(t), 0 for a sample of target -1; in an all -inf
@@ -636,7 +650,7 @@ def _jax_functions() -> Any:
         g = p - jnp.where(dead, 0.0, eps / n) - jnp.where(onehot, 1.0 - eps, 0.0)
         return jnp.where(t[..., None] < 0, 0.0, g)
 
-    def ce_generic(eps: float, with_grad: bool, x: Any, t: Any) -> Any:
+    def ce_generic(eps: float, with_grad: bool, x: Any, t: Any, *scales: Any) -> Any:
         # the generic kernels on the targets as prepared (-1: contributes 0); the
         # all-true where keeps the call off the fast paths (which would come back here)
         keep = jnp.ones(t.shape, dtype=bool)
@@ -644,14 +658,18 @@ def _jax_functions() -> Any:
             x, jnp.where(t < 0, 0, t), reduction="none", label_smoothing=eps, where=keep
         )
         loss = jnp.where(t < 0, 0.0, loss.astype(jnp.float32))
-        return (loss, ce_gradient(eps, False, x, t)) if with_grad else loss
+        if not with_grad:
+            return loss
+        g = scales[0][..., None] * ce_gradient(eps, False, x, t)
+        return loss, g.astype(x.dtype)
 
-    def ce_call(eps: float, with_grad: bool, cpu_only: bool, x: Any, t: Any) -> Any:
+    def ce_call(eps: float, with_grad: bool, cpu_only: bool, x: Any, t: Any, *scales: Any) -> Any:
         if cpu_only:
-            return ce_on_cpu(eps, with_grad, x, t)
+            return ce_on_cpu(eps, with_grad, x, t, *scales)
         return lax.platform_dependent(
             x,
             t,
+            *scales,
             cpu=functools.partial(ce_on_cpu, eps, with_grad),
             default=functools.partial(ce_generic, eps, with_grad),
         )
@@ -663,30 +681,61 @@ def _jax_functions() -> Any:
         return ce_call(eps, False, cpu_only, x, t)
 
     @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
-    def ce_rows_and_gradient(eps: float, cpu_only: bool, x: Any, t: Any) -> Any:
-        """``(loss, g)``: the loss of :func:`ce_rows` and its gradient, from one pass
-        of the kernel over the logits."""
-        return ce_call(eps, True, cpu_only, x, t)
+    def ce_total(eps: float, cpu_only: bool, x: Any, t: Any, s: Any) -> Any:
+        """``sum(s * ce_rows(x, t))``, float32: a reduced loss, with the reduction's
+        factor of each sample in ``s`` (float32, like ``t``)."""
+        return jnp.sum(s * ce_rows(eps, cpu_only, x, t))
+
+    @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
+    def ce_rows_and_gradient(eps: float, cpu_only: bool, x: Any, t: Any, s: Any) -> Any:
+        """``(loss, G)``: the loss of :func:`ce_rows` and ``s`` times its gradient (in
+        ``x``'s dtype), from one pass of the kernel over the logits."""
+        return ce_call(eps, True, cpu_only, x, t, s)
+
+    def tangent(g: Any, dx: Any) -> Any:
+        """``sum(g dx)`` over the classes, in float32."""
+        return jnp.sum(g.astype(jnp.float32) * dx.astype(jnp.float32), axis=-1)
 
     @ce_rows.defjvp
     def ce_rows_jvp(eps: float, cpu_only: bool, primals: Any, tangents: Any) -> tuple[Any, Any]:
         x, t = primals
-        loss, g = ce_rows_and_gradient(eps, cpu_only, x, t)
-        return loss, jnp.sum(g * tangents[0].astype(jnp.float32), axis=-1)
+        ones = jnp.ones(t.shape, jnp.float32)
+        loss, g = ce_rows_and_gradient(eps, cpu_only, x, t, ones)
+        return loss, tangent(g, tangents[0])
+
+    def ce_total_jvp(eps: float, cpu_only: bool, primals: Any, tangents: Any) -> tuple[Any, Any]:
+        # the reduction's factors are in the kernel's gradient: its transpose is then
+        # the upstream gradient times that array, which XLA drops for the 1 that
+        # jax.grad starts from (no second pass over the gradient). Symbolic zeros:
+        # a constant s has no term ds * loss, which is NaN for a loss of +inf
+        x, t, s = primals
+        dx, _, ds = tangents
+        loss, g = ce_rows_and_gradient(eps, cpu_only, x, t, s)
+        terms = []
+        if not isinstance(dx, jax.custom_derivatives.SymbolicZero):
+            terms.append(jnp.sum(tangent(g, dx)))
+        if not isinstance(ds, jax.custom_derivatives.SymbolicZero):
+            terms.append(jnp.sum(ds * loss))
+        return jnp.sum(s * loss), sum(terms[1:], terms[0]) if terms else jnp.float32(0)
+
+    ce_total.defjvp(ce_total_jvp, symbolic_zeros=True)
 
     @ce_rows_and_gradient.defjvp
     def ce_rows_and_gradient_jvp(
         eps: float, cpu_only: bool, primals: Any, tangents: Any
     ) -> tuple[Any, Any]:
         # the gradient moves with p, whose derivative is the softmax's: in a row that
-        # counts and is not all -inf, dg = dp = p (dx - sum(p dx))
-        x, t = primals
-        dx = tangents[0].astype(jnp.float32)
-        loss, g = ce_rows_and_gradient(eps, cpu_only, x, t)
+        # counts and is not all -inf, dg = dp = p (dx - sum(p dx)); G = s g
+        x, t, s = primals
+        dx, _, ds = tangents
+        dx = dx.astype(jnp.float32)
+        loss, big_g = ce_rows_and_gradient(eps, cpu_only, x, t, s)
+        g = ce_gradient(eps, cpu_only, x, t)
         p = value("softmax", x.ndim - 1, 1.0, cpu_only, x.astype(jnp.float32))
         still = (t[..., None] < 0) | (jnp.max(x, axis=-1, keepdims=True) == -jnp.inf)
         dp = p * (dx - jnp.sum(p * dx, axis=-1, keepdims=True))
-        return (loss, g), (jnp.sum(g * dx, axis=-1), jnp.where(still, 0.0, dp))
+        d_big_g = ds[..., None] * g + s[..., None] * jnp.where(still, 0.0, dp)
+        return (loss, big_g), (tangent(g, dx), d_big_g.astype(big_g.dtype))
 
     @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
     def ce_entry(
@@ -706,24 +755,24 @@ def _jax_functions() -> Any:
         # take the generic path, which raises)
         bad = ~ignored & ((target < 0) | (target >= n))
         t = jnp.where(ignored | bad, -1, target).astype(jnp.int32)
-        loss = ce_rows(eps, cpu_only, xm, t)
         if weight is None:
             counted = jnp.where(ignored, 0.0, 1.0)
         else:
-            w_t = jnp.where(t < 0, 0.0, weight.astype(jnp.float32)[jnp.maximum(t, 0)])
+            counted = jnp.where(t < 0, 0.0, weight.astype(jnp.float32)[jnp.maximum(t, 0)])
             # a class of weight 0 contributes 0, even where its loss is +inf
-            loss = w_t * jnp.where(w_t == 0, 0.0, loss)
-            counted = w_t
-        loss = jnp.where(bad, jnp.nan, loss)
+            t = jnp.where(counted == 0, -1, t)
+        nan = jnp.where(bad, jnp.nan, 0.0)
         if reduction == "none":
-            return loss.astype(x.dtype)
-        total = jnp.sum(loss)
-        if reduction == "sum":
-            return total.astype(x.dtype)
-        # a mean over no kept sample is 0, with a zero gradient (SPEC §4)
-        count = jnp.sum(counted)
-        mean = jnp.where(count == 0, 0.0, total / jnp.where(count == 0, 1.0, count))
-        return mean.astype(x.dtype)
+            loss = ce_rows(eps, cpu_only, xm, t)
+            loss = loss if weight is None else counted * loss
+            return (loss + nan).astype(x.dtype)
+        if reduction == "mean":
+            # a mean over no kept sample is 0, with a zero gradient (SPEC §4)
+            count = jnp.sum(counted)
+            counted = counted / jnp.where(count == 0, 1.0, count)
+        # (the kernel reads the factors as float32: with jax_enable_x64 they were not)
+        total = ce_total(eps, cpu_only, xm, t, counted.astype(jnp.float32)) + jnp.sum(nan)
+        return total.astype(x.dtype)
 
     return entry, ce_entry
 
