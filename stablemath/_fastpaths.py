@@ -8,7 +8,10 @@ for every input (``+-inf`` maxima, masks, float64, traced arrays) and pay for it
 passes over the data: about twenty array operations for a softmax. This module covers
 the common case in which those precautions are provably idle, and nothing else:
 
-* one axis, no ``where`` mask, the output in the input's dtype;
+* one axis, no ``where`` mask (except cross-entropy's per-sample mask, whose False
+  samples become ``ignore_index`` ones: 82 ms -> 2.3 ms for NumPy 4096x1000 float32,
+  93 -> 1.9 torch, 110 -> 4.2 torch forward+backward, 18 -> 2.5 JAX under jit and 28 ->
+  3.0 with its gradient, before -> after, 2-core VM), the output in the input's dtype;
 * a NumPy array, or a torch tensor on the CPU that is not being traced by
   ``torch.compile`` or batched by ``torch.func.vmap`` (the checks read values), of
   float16, bfloat16 or float32;
@@ -618,6 +621,44 @@ def logsumexp(x: Any, axis: int, keepdims: bool) -> Any:
     return _dispatch("logsumexp", _np_logsumexp, _torch_logsumexp, x, axis, keepdims)
 
 
+def _masked_target(kind: str, where: Any, target: Any, ignore_index: int) -> Any:
+    """``target`` with ``ignore_index`` where the boolean ``where`` (of the same
+    library, broadcastable to the target's shape) is False; None for any other mask,
+    which the generic path checks (and rejects)."""
+    shape = tuple(target.shape)
+    if kind == "numpy":
+        if type(where) is not np.ndarray or where.dtype != np.bool_:
+            return None
+        if not _broadcasts_to(where.shape, shape):
+            return None
+        # (int64 first: ignore_index need not fit the target's own integer dtype)
+        return np.where(where, target.astype(np.int64, copy=False), ignore_index)
+    if kind == "jax":
+        jax = sys.modules["jax"]
+        if not isinstance(where, jax.Array) or where.dtype != np.bool_:
+            return None
+        if not _broadcasts_to(where.shape, shape):
+            return None
+        # in the target's own dtype (a cast could wrap a target out of range into one)
+        info = np.iinfo(target.dtype)
+        if not info.min <= ignore_index <= info.max:
+            return None
+        return jax.numpy.where(where, target, ignore_index)
+    torch = sys.modules["torch"]
+    if not isinstance(where, torch.Tensor) or where.dtype is not torch.bool:
+        return None
+    if not where.is_cpu or not _broadcasts_to(tuple(where.shape), shape):
+        return None
+    return torch.where(where, target.long(), ignore_index)
+
+
+def _broadcasts_to(shape: tuple[int, ...], to: tuple[int, ...]) -> bool:
+    """Whether ``shape`` broadcasts to ``to`` (and not beyond it)."""
+    if len(shape) > len(to):
+        return False
+    return all(a in (1, b) for a, b in zip(shape[::-1], to[::-1], strict=False))
+
+
 def cross_entropy(
     x: Any,
     target: Any,
@@ -627,14 +668,17 @@ def cross_entropy(
     ignore_index: int,
     reduction: str,
     label_smoothing: float,
+    where: Any = None,
 ) -> Any:
     """Cross-entropy with integer targets and the options torch has: the compiled
     kernel for NumPy arrays and float32 tensors outside autodiff, torch's
     ``cross_entropy`` in float64 for other torch CPU tensors, the kernel as an XLA FFI
     call for JAX arrays (:func:`stablemath._xla_ffi.cross_entropy`); None where the generic
     kernel must decide (see above), and for anything it must reject: here ``axis`` is
-    the int the caller gave, and the target's type, integer dtype and shape and the
-    weight's type and shape are checked (the values, by the kernels)."""
+    the int the caller gave, and the target's type, integer dtype and shape, the
+    weight's type and shape and the mask's type, dtype and shape are checked (the
+    values, by the kernels). A per-sample mask ``where`` makes its ``False`` samples'
+    targets ``ignore_index`` (SPEC: they count exactly as ignored ones)."""
     kind = _kind(x)
     if kind is None:
         return None
@@ -660,6 +704,10 @@ def cross_entropy(
         return None
     if weight is not None and tuple(weight.shape) != shape[axis : axis + 1]:
         return None
+    if where is not None:
+        target = _masked_target(kind, where, target, ignore_index)
+        if target is None:
+            return None
     if kind == "jax":
         if x.size == 0:  # (no rows: nothing for XLA to call the kernel on)
             return None

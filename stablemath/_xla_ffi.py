@@ -42,8 +42,9 @@ How:
   times the gradient in the logits' dtype: the reverse-mode gradient is then that
   array itself, without a second pass of XLA scaling it by the factors (and by the
   upstream gradient, which is a constant 1 under ``jax.grad``: XLA drops the
-  product). Weights with smoothing, ``temperature``, ``softcap``, ``z_loss``,
-  ``where`` and soft targets take the generic kernels;
+  product). A per-sample ``where`` arrives as ``ignore_index`` targets
+  (:mod:`stablemath._fastpaths`). Weights with smoothing, ``temperature``,
+  ``softcap``, ``z_loss`` and soft targets take the generic kernels;
 * only where XLA compiles for one CPU device: arrays on a CPU device, or, for traced
   arrays in a process that also has accelerators, ``lax.platform_dependent`` (the
   generic kernels for every other platform); not for arrays sharded over several
@@ -566,7 +567,9 @@ def _jax_functions() -> Any:
     import jax.numpy as jnp
     from jax import lax
 
-    from . import _losses, _reductions
+    from . import _kernels, _reductions
+    from ._lib._compat import array_namespace, device
+    from ._lib._utils import compute_dtype, float_dtype
 
     def kernel_call(func: str, x: Any, t: float) -> Any:
         """The FFI call on ``x`` with the reduced axis last."""
@@ -651,13 +654,27 @@ def _jax_functions() -> Any:
         return jnp.where(t[..., None] < 0, 0.0, g)
 
     def ce_generic(eps: float, with_grad: bool, x: Any, t: Any, *scales: Any) -> Any:
-        # the generic kernels on the targets as prepared (-1: contributes 0); the
-        # all-true where keeps the call off the fast paths (which would come back here)
-        keep = jnp.ones(t.shape, dtype=bool)
-        loss = _losses.cross_entropy(
-            x, jnp.where(t < 0, 0, t), reduction="none", label_smoothing=eps, where=keep
+        # the generic kernel itself on the targets as prepared (-1: contributes 0),
+        # in the computing dtype the facade would choose (the facade would come back
+        # to the fast paths)
+        xp, (x,) = array_namespace(x)
+        work = compute_dtype(xp, float_dtype(xp, x), device=device(x))
+        loss = _kernels.cross_entropy(
+            x.astype(work),
+            t,
+            axis=x.ndim - 1,
+            soft=False,
+            weight=None,
+            ignore_index=-1,
+            reduction="none",
+            label_smoothing=eps,
+            temperature=1.0,
+            softcap=None,
+            z_loss=0.0,
+            sample_mask=None,
+            xp=xp,
         )
-        loss = jnp.where(t < 0, 0.0, loss.astype(jnp.float32))
+        loss = loss.astype(jnp.float32)
         if not with_grad:
             return loss
         g = scales[0][..., None] * ce_gradient(eps, False, x, t)

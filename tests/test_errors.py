@@ -198,6 +198,19 @@ def test_where_must_broadcast(backend):
         sm.softmax(backend.asarray(X), where=backend.asarray(np.ones(4, dtype=bool)))
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_cross_entropy_where_must_be_a_boolean_mask_of_the_sample_shape(backend, dtype):
+    """Also where the fast paths take a mask (float32): they leave a bad one to the
+    generic checks."""
+    x = backend.asarray(X, dtype=dtype)
+    with pytest.raises(TypeError, match="boolean"):
+        sm.cross_entropy(x, backend.asarray(T), where=backend.asarray(np.ones(2, dtype=np.int32)))
+    with pytest.raises(ValueError, match=r"\(3,\).*\(2,\)"):
+        sm.cross_entropy(x, backend.asarray(T), where=backend.asarray(np.ones(3, dtype=bool)))
+    with pytest.raises(ValueError, match="does not broadcast"):
+        sm.cross_entropy(x, backend.asarray(T), where=backend.asarray(np.ones((2, 2), dtype=bool)))
+
+
 def test_inputs_not_modified(backend):
     x = np.array([[1.0, -np.inf, 3.0], [np.inf, 0.0, 1.0]])
     q = np.array([[0.2, 0.3, 0.5], [1.0, 0.0, 0.0]])

@@ -270,6 +270,38 @@ def test_cross_entropy_matches_the_generic_kernels(jax, options, dtype, monkeypa
     )
 
 
+@pytest.mark.parametrize("options", [CE_OPTIONS[0], CE_OPTIONS[3], CE_OPTIONS[5]], ids=str)
+def test_cross_entropy_where(jax, options, monkeypatch):
+    """A per-sample mask (its False samples count as ignored ones) on the FFI path,
+    given to jit or captured by it, with the gradient: the generic kernels' values."""
+    import jax.numpy as jnp
+
+    rows = [0, 1, 2, 6, 7]
+    x = jnp.asarray(EDGES[rows], dtype="float32")
+    t = jnp.asarray(CE_TARGETS[rows])
+    mask = jnp.asarray([True, False, True, False, True])
+    kw = dict(options)
+    if "weight" in kw:
+        kw["weight"] = jnp.asarray(kw["weight"], dtype="float32")
+
+    def loss(a, m):
+        return jnp.sum(sm.cross_entropy(a, t, where=m, **kw))
+
+    def both():
+        given = jax.jit(jax.value_and_grad(loss))(x, mask)
+        captured = jax.jit(jax.value_and_grad(lambda a: loss(a, mask)))(x)
+        return [np.asarray(v, np.float64) for v in (*given, *captured)]
+
+    spied = spy_kernels(monkeypatch, ["cross_entropy"])
+    fast = both()
+    assert spied == []
+    monkeypatch.setenv(_fastpaths.DISABLE_ENV, "1")
+    jax.clear_caches()
+    for got, want in zip(fast, both(), strict=True):
+        np.testing.assert_allclose(got, want, rtol=2e-6, atol=2e-6)
+    assert np.isfinite(fast[1]).all() and np.all(fast[1][[1, 3]] == 0)
+
+
 def test_cross_entropy_bad_target(jax, monkeypatch):
     """SPEC §4: NaN for that sample under jit, ValueError on eager arrays."""
     import jax.numpy as jnp
