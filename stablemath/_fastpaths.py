@@ -647,16 +647,17 @@ def _masked_target(kind: str, where: Any, target: Any, ignore_index: int) -> Any
     torch = sys.modules["torch"]
     if not isinstance(where, torch.Tensor) or where.dtype is not torch.bool:
         return None
-    if not where.is_cpu or not _broadcasts_to(tuple(where.shape), shape):
+    if not where.is_cpu or not _broadcasts_to(where.shape, shape):
         return None
     return torch.where(where, target.long(), ignore_index)
 
 
 def _broadcasts_to(shape: tuple[int, ...], to: tuple[int, ...]) -> bool:
     """Whether ``shape`` broadcasts to ``to`` (and not beyond it)."""
-    if len(shape) > len(to):
+    try:
+        return np.broadcast_shapes(tuple(shape), to) == to
+    except ValueError:
         return False
-    return all(a in (1, b) for a, b in zip(shape[::-1], to[::-1], strict=False))
 
 
 def cross_entropy(
