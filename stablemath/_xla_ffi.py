@@ -425,8 +425,9 @@ def _task(work: Any) -> Any:
 
 def _handler(kernel: Any, element: Any, kind: str) -> Any:
     """The FFI handler running ``kernel`` on rows of ``element`` (``kind`` as in
-    :func:`_rows_runner`): arguments ``x``, for a cross-entropy the int32 targets, and
-    the float64 parameter (two uint32); result ``out``.
+    :func:`_rows_runner`): arguments ``x``, for a cross-entropy the int32 targets (and
+    with its gradient the float32 factor of each sample's gradient), and the float64
+    parameter (two uint32); results ``out`` (and the gradient, like ``x``).
 
     An array of at least ``2 * _MIN_PARALLEL`` elements is shared out among the
     threads of XLA's own CPU pool (``XLA_FFI_ThreadPool_Schedule``; the very threads
