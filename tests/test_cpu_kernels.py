@@ -358,3 +358,45 @@ def test_float16_conversions_are_torchs():
     out = _rounded(values.astype(np.float64), np.int16)
     want = torch.from_numpy(values).to(torch.float16).view(torch.int16).numpy()
     assert np.array_equal(out, want)
+
+
+def test_the_kernels_ask_for_the_widest_vectors():
+    """Every kernel is compiled with ``"prefer-vector-width"="512"`` (without it, LLVM
+    vectorises the float64 exp over 256 bits on CPUs with AVX-512, at half the
+    speed); where the CPU has AVX-512 (NumPy's feature table says so), the loops of the
+    compiled kernels use its 512-bit registers. Each kernel is compiled afresh here,
+    with its own options but no disk cache, whose code Numba does not show."""
+    import numba
+
+    x = np.random.default_rng(0).standard_normal((8, 300)).astype(np.float32)
+    t = np.arange(8) % 300
+    args = {
+        ck.softmax_rows: (x, np.empty_like(x), 0, 8, 1.0),
+        ck.log_softmax_rows: (x, np.empty_like(x), 0, 8, 1.0),
+        ck.logsumexp_rows: (x, np.empty(8, np.float32), 0, 8, 1.0),
+        ck.cross_entropy_rows: (
+            x,
+            np.empty(8),
+            0,
+            8,
+            t,
+            np.empty(0),
+            -100,
+            0.0,
+            np.empty_like(x),
+            1.0,
+        ),
+    }
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__
+    except ImportError:  # NumPy < 2
+        from numpy.core._multiarray_umath import __cpu_features__
+    avx512 = __cpu_features__.get("AVX512F", False)
+    for kernel, a in args.items():
+        options = {k: v for k, v in kernel.targetoptions.items() if k not in ("cache", "nopython")}
+        fresh = numba.njit(**options)(kernel.py_func)
+        assert fresh(*a)
+        sig = fresh.signatures[0]
+        assert '"prefer-vector-width"="512"' in fresh.inspect_llvm(sig), kernel
+        if avx512:
+            assert "zmm" in fresh.inspect_asm(sig), kernel
