@@ -478,11 +478,14 @@ def logsumexp_rows(x: Any, out: Any, r0: int, r1: int, inv_t: float) -> bool:
 
 
 @numba.njit(fastmath=_SUM, cache=True, error_model="numpy")
-def _row_loss(row: Any, t: int, m: float, total: float, weight: Any, smoothing: float) -> float:
-    """The cross-entropy of one row with target ``t``: ``w[t] ((m - x[t]) + total)``,
-    with smoothing ``eps``: ``(1 - eps)`` times that plus ``eps / C sum_c w[c] (m - x[c]
-    + total)``. NaN for a row the generic kernel must decide (a ``-inf`` logit at the
-    target, or anywhere with smoothing)."""
+def _row_loss(
+    row: Any, t: int, m: float, total: float, weight: Any, smoothing: float, inv_t: float
+) -> float:
+    """The cross-entropy of one row with target ``t`` and logits ``x * inv_t``:
+    ``w[t] ((m - x[t]) inv_t + total)``, with smoothing ``eps``: ``(1 - eps)`` times
+    that plus ``eps / C sum_c w[c] ((m - x[c]) inv_t + total)``. NaN for a row the
+    generic kernel must decide (a ``-inf`` logit at the target, or anywhere with
+    smoothing)."""
     _wide_vectors()
     n = row.shape[0]
     weighted = weight.shape[0] > 0
@@ -490,13 +493,13 @@ def _row_loss(row: Any, t: int, m: float, total: float, weight: Any, smoothing: 
     if xt == -math.inf:
         return math.nan
     w = weight[t] if weighted else 1.0
-    loss = w * ((m - xt) + total)
+    loss = w * ((m - xt) * inv_t + total)
     if smoothing > 0.0:
         acc = 0.0
         wsum = 0.0
         for c in range(n):
             wc = weight[c] if weighted else 1.0
-            acc += wc * (m - np.float64(_real(row[c])))
+            acc += wc * ((m - np.float64(_real(row[c]))) * inv_t)
             wsum += wc
         if not math.isfinite(acc):
             return math.nan
@@ -505,14 +508,15 @@ def _row_loss(row: Any, t: int, m: float, total: float, weight: Any, smoothing: 
 
 
 @numba.njit(fastmath=_SUM, cache=True, error_model="numpy")
-def _counted_exps_into(e: Any, row: Any, m: float) -> tuple[int, float]:
-    """``e[j] = exp(row[j] - m)``; the count ``k`` of the entries equal to ``m`` (whose
-    ``e`` is exactly 1) and the sum ``s`` of the others, as in :func:`_row_total`."""
+def _counted_exps_into(e: Any, row: Any, m: float, inv_t: float) -> tuple[int, float]:
+    """``e[j] = exp((row[j] - m) * inv_t)``; the count ``k`` of the entries equal to
+    ``m`` (whose ``e`` is exactly 1) and the sum ``s`` of the others, as in
+    :func:`_row_total`."""
     _wide_vectors()
     s = 0.0
     k = 0
     for j in range(row.shape[0]):
-        d = _shift(row[j], m, 1.0)
+        d = _shift(row[j], m, inv_t)
         v = _exp_nonpos(d)
         e[j] = v
         top = d == 0.0
@@ -563,25 +567,29 @@ def cross_entropy_rows(
     weight: Any,
     ignore_index: int,
     smoothing: float,
+    inv_t: float,
+    z: float,
     grad: Any,
     scale: Any,
 ) -> bool:
     """Per-sample cross-entropy ``out[i]`` of the rows ``r0 <= i < r1`` with integer
-    targets, in float64: times ``weight[t]`` (none for an empty ``weight``), 0 for
-    ``ignore_index``.
+    targets and logits ``x * inv_t`` (a temperature ``1 / inv_t``), in float64: times
+    ``weight[t]`` (none for an empty ``weight``), 0 for ``ignore_index``.
 
-    The loss is ``(m - x[t]) + (log(k) + log1p(s / k))``, a sum of two non-negative
-    terms, so a confident prediction keeps its relative precision (SPEC §3.5); with
-    ``smoothing = eps`` it is PyTorch's ``(1 - eps) w[t] nll + eps / C sum_c w[c]
-    (-log p_c)``. False for a row the generic kernel must decide: a NaN or a non-finite
+    The loss is ``(m - x[t]) inv_t + (log(k) + log1p(s / k))``, a sum of two
+    non-negative terms, so a confident prediction keeps its relative precision (SPEC
+    §3.5); with ``smoothing = eps`` it is PyTorch's ``(1 - eps) w[t] nll + eps / C
+    sum_c w[c] (-log p_c)``; with ``z > 0`` plus the z-loss ``z L**2``, ``L = m inv_t
+    + log(k) + log1p(s / k)`` the row's logsumexp (unweighted, as the generic kernel
+    has it). False for a row the generic kernel must decide: a NaN or a non-finite
     maximum, a ``-inf`` logit at the target (or anywhere, with smoothing).
 
     Unless ``grad`` is empty (shape ``(0, 0)``), the same pass over each row writes the
     gradient of ``scale`` times its loss (``scale`` a number, or an array of one a
-    row): ``grad[i, c] = scale (a p_c - eps w_c / C - (1 - eps) w_t [c = t])`` with
-    ``p = exp(x - m) / (k + s)`` and ``a = (1 - eps) w_t + eps sum(w) / C``, rounded
-    once to ``grad``'s dtype (float32, or half-precision bits); zero for an ignored
-    row. The exponentials of the row are kept in a float64 row buffer for it: computing
+    row): ``grad[i, c] = scale inv_t ((a + 2 z L) p_c - eps w_c / C - (1 - eps) w_t
+    [c = t])`` with ``p = exp((x - m) inv_t) / (k + s)`` and ``a = (1 - eps) w_t + eps
+    sum(w) / C``, rounded once to ``grad``'s dtype (float32, or half-precision bits);
+    zero for an ignored row. The exponentials of the row are kept in a float64 row buffer for it: computing
     them again took 1.2 times the time (4096x1000 and 256x32000 float32, one thread).
     """
     _wide_vectors()
@@ -605,18 +613,36 @@ def cross_entropy_rows(
             m = _row_max(row)
             if not math.isfinite(m):
                 return False
-            k, s = _counted_exps_into(e, row, m)
+            # (with the literal 1.0 the compiler drops the multiplications)
+            if inv_t == 1.0:
+                k, s = _counted_exps_into(e, row, m, 1.0)
+            else:
+                k, s = _counted_exps_into(e, row, m, inv_t)
             total = math.log(k) + math.log1p(s / k)
-        else:
+        elif inv_t == 1.0:
             m, total = _row_stats(row, 1.0)
-        loss = _row_loss(row, t, m, total, weight, smoothing)
+        else:
+            m, total = _row_stats(row, inv_t)
+        loss = _row_loss(row, t, m, total, weight, smoothing, inv_t)
         if loss != loss:
+            return False
+        zl = 0.0  # the z-loss's 2 z L
+        if z > 0.0:
+            lse = m * inv_t + total
+            loss += z * lse * lse
+            zl = 2.0 * z * lse
+        # (finite logits give a finite loss and gradient, unless a huge inv_t makes
+        # them overflow float64: then the generic kernel decides)
+        if not math.isfinite(loss):
             return False
         out[i] = loss
         if with_grad:
             w = weight[t] if weighted else 1.0
-            sc = _row_scale(scale, i)
-            f = sc * ((1.0 - smoothing) * w + smoothing * wsum / n) / (k + s)
+            sc = _row_scale(scale, i) * inv_t
+            a = (1.0 - smoothing) * w + smoothing * wsum / n + zl
+            f = sc * a / (k + s)
+            if not math.isfinite(f):
+                return False
             b = sc * smoothing / n
             g = grad[i]
             _gradient_into(g, e, f, b, weight)

@@ -337,7 +337,7 @@ def _rows_runner(kernel: Any, element: Any, kind: str) -> Any:
             target = numba.carray(_address(targets), (rows,), np.int32)
             no_weight = np.empty(0, np.float64)
             no_grad = np.empty((0, 0), np.float32)
-            return kernel(x, loss, r0, r1, target, no_weight, -1, param, no_grad, 1.0)
+            return kernel(x, loss, r0, r1, target, no_weight, -1, param, 1.0, 0.0, no_grad, 1.0)
 
     else:  # the loss and its gradient, in one pass
 
@@ -351,7 +351,7 @@ def _rows_runner(kernel: Any, element: Any, kind: str) -> Any:
             g = numba.carray(_address(grad), x.shape, element)
             factor = numba.carray(_address(scales), (rows,), np.float32)
             no_weight = np.empty(0, np.float64)
-            return kernel(x, loss, r0, r1, target, no_weight, -1, param, g, factor)
+            return kernel(x, loss, r0, r1, target, no_weight, -1, param, 1.0, 0.0, g, factor)
 
     return run_rows
 

@@ -157,8 +157,8 @@ def test_temperature_and_float64_output():
 @pytest.mark.parametrize("with_grad", [False, True])
 def test_cross_entropy_rows_split_over_threads(with_grad, monkeypatch):
     """The cross-entropy kernel, with and without its gradient, split over threads
-    equals one call over all rows, and its losses torch's definition (ignored rows:
-    0)."""
+    equals one call over all rows, and its losses torch's definition with a
+    temperature and the z-loss (ignored rows: 0)."""
     x = _rows((203, 700))
     x[x == -np.inf] = -50.0  # -inf logits go to the generic kernel
     rng = np.random.default_rng(3)
@@ -172,26 +172,34 @@ def test_cross_entropy_rows_split_over_threads(with_grad, monkeypatch):
         assert call(loss, grad)
         return loss, grad
 
-    whole = run(lambda lo, g: ck.cross_entropy_rows(x, lo, 0, 203, t, w, -100, 0.1, g, 0.5))
+    whole = run(
+        lambda lo, g: ck.cross_entropy_rows(x, lo, 0, 203, t, w, -100, 0.1, 0.8, 0.01, g, 0.5)
+    )
     monkeypatch.setattr(ck, "_threads", lambda: 3)
-    split = run(lambda lo, g: ck.run_rows(ck.cross_entropy_rows, x, lo, t, w, -100, 0.1, g, 0.5))
+    split = run(
+        lambda lo, g: ck.run_rows(ck.cross_entropy_rows, x, lo, t, w, -100, 0.1, 0.8, 0.01, g, 0.5)
+    )
     for a, b in zip(whole, split, strict=True):
         np.testing.assert_array_equal(a, b)
     loss, grad = whole
-    # torch's definition in float64: (1 - eps) w_t (lse - x_t) + eps / C sum_c w_c (lse - x_c)
-    x64 = x.astype(np.float64)
+    # torch's definition in float64 of logits x / T, T = 1 / 0.8: (1 - eps) w_t (lse -
+    # x_t) + eps / C sum_c w_c (lse - x_c), plus the z-loss z lse**2, z = 0.01
+    x64 = x.astype(np.float64) * 0.8
     m = x64.max(axis=1)
     lse = m + np.log(np.exp(x64 - m[:, None]).sum(axis=1))
     rows = np.arange(203)
     ts = np.where(t == -100, 0, t)
     want = 0.9 * w[ts] * (lse - x64[rows, ts]) + 0.1 / 700 * (w * (lse[:, None] - x64)).sum(axis=1)
+    want += 0.01 * lse**2
     want[t == -100] = 0.0
     # the kernels' exp is within 2e-10 relative (0.003 of a float32 ulp), lse within 4e-10
     np.testing.assert_allclose(loss, want, rtol=1e-9, atol=0)
     if with_grad:
         assert np.all(grad[::7] == 0)
-        # a row's gradient sums to scale (a - eps sum(w) / C - (1 - eps) w_t) = 0
-        np.testing.assert_allclose(grad.astype(np.float64).sum(axis=1), 0.0, atol=1e-6)
+        # a row's gradient sums to scale / T ((a + 2 z lse) - eps sum(w) / C - (1 - eps)
+        # w_t) = scale / T 2 z lse
+        want_sum = np.where(t == -100, 0.0, 0.5 * 0.8 * 2 * 0.01 * lse)
+        np.testing.assert_allclose(grad.astype(np.float64).sum(axis=1), want_sum, atol=1e-6)
 
 
 def test_cross_entropy_gradient_factors_per_row_and_half_precision():
@@ -208,13 +216,19 @@ def test_cross_entropy_gradient_factors_per_row_and_half_precision():
     factors = rng.uniform(0.1, 3.0, 37).astype(np.float32)
     loss = np.empty(37)
     per_row = np.empty(x.shape, np.float32)
-    assert ck.cross_entropy_rows(x, loss, 0, 37, t, no_weight, -100, 0.2, per_row, factors)
+    assert ck.cross_entropy_rows(
+        x, loss, 0, 37, t, no_weight, -100, 0.2, 1.0, 0.0, per_row, factors
+    )
     one = np.empty((1, 300), np.float32)
     for i in range(37):
         f = float(factors[i])
-        assert ck.cross_entropy_rows(x, loss, i, i + 1, t, no_weight, -100, 0.2, one[:0], f)
+        assert ck.cross_entropy_rows(
+            x, loss, i, i + 1, t, no_weight, -100, 0.2, 1.0, 0.0, one[:0], f
+        )
         whole = np.empty(x.shape, np.float32)
-        assert ck.cross_entropy_rows(x, loss, i, i + 1, t, no_weight, -100, 0.2, whole, f)
+        assert ck.cross_entropy_rows(
+            x, loss, i, i + 1, t, no_weight, -100, 0.2, 1.0, 0.0, whole, f
+        )
         np.testing.assert_array_equal(per_row[i], whole[i])
     x64 = x.astype(np.float64)
     p = np.exp(x64 - x64.max(axis=1, keepdims=True))
@@ -228,11 +242,11 @@ def test_cross_entropy_gradient_factors_per_row_and_half_precision():
     as_bits = per_row.view(np.uint32).astype(np.uint64)
     bf16 = ((as_bits + 0x7FFF + ((as_bits >> 16) & 1)) >> 16).astype(np.uint16)
     g = np.empty(x.shape, np.uint16)
-    assert ck.cross_entropy_rows(x, loss, 0, 37, t, no_weight, -100, 0.2, g, factors)
+    assert ck.cross_entropy_rows(x, loss, 0, 37, t, no_weight, -100, 0.2, 1.0, 0.0, g, factors)
     np.testing.assert_array_equal(g, bf16)
     if ck.FLOAT16_CONVERSIONS:
         g = np.empty(x.shape, np.int16)
-        assert ck.cross_entropy_rows(x, loss, 0, 37, t, no_weight, -100, 0.2, g, factors)
+        assert ck.cross_entropy_rows(x, loss, 0, 37, t, no_weight, -100, 0.2, 1.0, 0.0, g, factors)
         np.testing.assert_array_equal(g.view(np.float16), per_row.astype(np.float16))
 
 
@@ -382,6 +396,8 @@ def test_the_kernels_ask_for_the_widest_vectors():
             t,
             np.empty(0),
             -100,
+            0.0,
+            1.0,
             0.0,
             np.empty_like(x),
             1.0,

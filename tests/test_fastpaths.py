@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 
+import _reference as ref
 import numpy as np
 import pytest
 from conftest import backends_named, spy_kernels
@@ -163,9 +165,35 @@ def test_cross_entropy_fast_path(fb, generic_ce_calls, monkeypatch):
         _ce(fb, rows, [0, 2], reduction=reduction, weight=w, label_smoothing=0.1)
     _ce(fb, [[[1.0, 2.0], [3.0, 0.0], [0.5, 0.5]]], [[1, 2]], axis=1, ignore_index=2)
     _ce(fb, [[1.0, 2.0, 0.0], [1.0, 2.0, 0.0]], [0, -100], reduction="none")
+    _ce(fb, rows, [0, 2], temperature=2.0, z_loss=1e-4, weight=w)  # options torch lacks
     x = fb.asarray(np.array(rows), dtype="float32")
     if fb.name == "torch":
         sm.cross_entropy(x.requires_grad_(True), fb.asarray(np.array([0, 2])), weight=w)
+        sm.cross_entropy(x, fb.asarray(np.array([0, 2])), temperature=0.5, z_loss=1e-3)
+    assert generic_ce_calls == []
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+@pytest.mark.parametrize("temperature", [1.0, 0.3, 4.0])
+def test_cross_entropy_temperature_and_z_loss_on_the_kernel(
+    fb, reduction, temperature, generic_ce_calls, monkeypatch
+):
+    """A temperature and the z-loss run on the compiled kernel (NumPy, torch outside
+    autograd), with class weights, smoothing and ignored samples: the loss is the
+    float64 definition (tests/_reference.py) of ``x / T`` rounded once to float32."""
+    monkeypatch.delenv(_fastpaths.DISABLE_ENV, raising=False)
+    rng = np.random.default_rng(7)
+    x = (rng.standard_normal((60, 11)) * 5).astype(np.float32)
+    t = rng.integers(0, 11, 60)
+    t[::6] = -100
+    w = rng.uniform(0.5, 2.0, 11).astype(np.float32)
+    kw = {"reduction": reduction, "label_smoothing": 0.1, "z_loss": 1e-2}
+    got = sm.cross_entropy(
+        fb.asarray(x), fb.asarray(t), weight=fb.asarray(w), temperature=temperature, **kw
+    )
+    want = ref.np_cross_entropy(x.astype(np.float64) / temperature, t, weight=w, **kw)
+    got = np.asarray(got.numpy() if fb.name == "torch" else got, dtype=np.float64)
+    np.testing.assert_allclose(got, want, rtol=2 * 2.0**-24, atol=0)
     assert generic_ce_calls == []
 
 
@@ -304,18 +332,20 @@ def test_torch_func_transforms_on_fast_path_dtypes(tb, func, monkeypatch):
         ([[1.0, -math.inf, 0.0]], [1], {}),  # -inf at the target: +inf
         ([[math.inf, 1.0, 0.0]], [0], {}),  # +inf logit
         ([[1.0, 2.0, 0.0]], [-100], {}),  # all ignored: 0, not torch's NaN
-        ([[1.0, 2.0, 0.0]], [0], {"z_loss": 1e-4}),  # options torch lacks
-        ([[1.0, 2.0, 0.0]], [0], {"softcap": 30.0}),
-        ([[1.0, 2.0, 0.0]], [0], {"temperature": 2.0}),
+        ([[1.0, 2.0, 0.0]], [0], {"softcap": 30.0}),  # an option the kernel lacks
+        ([[1.0, 2.0, 0.0]], [0], {"temperature": 1e-300, "z_loss": 1e-4}),  # z lse**2 = inf
+        ([[1.0, 2.0, 0.0]], [2], {"temperature": 1e-308}),  # (m - x_t) / T = inf
         ([[1.0, 2.0, 0.0]], [0], {"where": False}),  # all masked: 0 (a mask is fast)
     ],
 )
 def test_cross_entropy_generic_cases(fb, row, target, kw, generic_ce_calls, monkeypatch):
-    """The cases the fast paths hand back, with and without autograd."""
+    """The cases the fast paths hand back, with and without autograd. (A temperature
+    of 1e-300 overflows the generic kernel's ``x / T`` as well, which NumPy warns of.)"""
     monkeypatch.delenv(_fastpaths.DISABLE_ENV, raising=False)
     if kw.get("where") is False:
         kw = {"where": fb.asarray(np.array([False]))}
-    _ce(fb, row, target, **kw)
+    with np.errstate(over="ignore"):
+        _ce(fb, row, target, **kw)
     assert generic_ce_calls == ["cross_entropy"]
     if fb.name == "torch":  # torch's float64 loss
         x = fb.asarray(np.array(row), dtype="float32").requires_grad_(True)
@@ -349,7 +379,29 @@ CE_OPTIONS = [
     {"reduction": "none", "ignore_index": 1},
     {"weight": True, "label_smoothing": 0.1, "ignore_index": 2},
     {"weight": True, "reduction": "none"},
+    {"temperature": 2.5, "z_loss": 1e-2},
+    {"weight": True, "label_smoothing": 0.1, "temperature": 0.7, "z_loss": 1e-3},
+    {"weight": True, "reduction": "none", "z_loss": 1e-2, "ignore_index": 3},
 ]
+
+
+def _torch_ce64(x64, t, axis=-1, temperature=1.0, z_loss=0.0, **kw):
+    """torch's cross-entropy of ``x64 / temperature`` (float64), plus ``z_loss`` times
+    the squared logsumexp of each sample that is not ignored; a mean divides by the
+    total weight of those samples, as torch's does."""
+    torch = sys.modules["torch"]
+    x64 = torch.movedim(x64, axis, -1) / temperature
+    reduction = kw.pop("reduction", "mean")
+    per = torch.nn.functional.cross_entropy(x64, t, reduction="none", **kw)
+    kept = t != kw.get("ignore_index", -100)
+    per = per + torch.where(kept, z_loss * torch.logsumexp(x64, dim=-1) ** 2, 0.0)
+    if reduction == "none":
+        return per
+    if reduction == "sum":
+        return per.sum()
+    w = kw.get("weight")
+    picked = torch.ones_like(per) if w is None else w[t.clamp(0, x64.shape[-1] - 1)]
+    return per.sum() / torch.where(kept, picked, 0.0).sum()
 
 
 @pytest.mark.parametrize("kw", CE_OPTIONS)
@@ -374,7 +426,7 @@ def test_cross_entropy_kernel_gradient(tb, kw, axis, generic_ce_calls, monkeypat
     (again,) = torch.autograd.grad(loss, x, up)
     x64 = x.detach().double().requires_grad_(True)
     kw64 = {k: v.double() if k == "weight" else v for k, v in kw.items()}
-    want = torch.nn.functional.cross_entropy(x64, t, **kw64)
+    want = _torch_ce64(x64, t, **kw64)
     (want_grad,) = torch.autograd.grad(want, x64, up.double())
     np.testing.assert_allclose(loss.detach().numpy(), want.detach().numpy(), rtol=2e-7, atol=1e-30)
     np.testing.assert_allclose(got.numpy(), want_grad.numpy(), rtol=1e-6, atol=1e-8)
@@ -447,7 +499,8 @@ def test_cross_entropy_gradient_of_the_weights(tb, reduction, monkeypatch):
     np.testing.assert_allclose(gw.numpy(), ww.numpy(), rtol=1e-5, atol=1e-7)
 
 
-def test_cross_entropy_kernel_second_derivative(tb, monkeypatch):
+@pytest.mark.parametrize("extra", [{}, {"temperature": 0.7, "z_loss": 1e-2}])
+def test_cross_entropy_kernel_second_derivative(tb, extra, monkeypatch):
     """create_graph: the backward is torch's differentiable one, so Hessians match."""
     torch = tb.module
     monkeypatch.delenv(_fastpaths.DISABLE_ENV, raising=False)
@@ -456,10 +509,10 @@ def test_cross_entropy_kernel_second_derivative(tb, monkeypatch):
     w = torch.tensor([1.0, 2.0, 0.5])
 
     def ours(v):
-        return sm.cross_entropy(v, t, weight=w, label_smoothing=0.1)
+        return sm.cross_entropy(v, t, weight=w, label_smoothing=0.1, **extra)
 
     def theirs(v):
-        return torch.nn.functional.cross_entropy(v, t, weight=w, label_smoothing=0.1)
+        return _torch_ce64(v, t, weight=w, label_smoothing=0.1, **extra)
 
     h = torch.autograd.functional.hessian(ours, x)
     np.testing.assert_allclose(
