@@ -250,8 +250,9 @@ def _scaled_shift(
         return z, low
     if t < 1.0:
         # a quotient beyond the dtype's range is -inf, without an overflow (NumPy
-        # would warn) and with z's NaN kept
-        over = z < -(float(xp.finfo(z.dtype).max) * t)
+        # would warn) and with z's NaN kept; -inf itself is divided, which keeps its
+        # derivative 1 / t (a cross-entropy's target at -inf has gradient -1 / t)
+        over = (z < -(float(xp.finfo(z.dtype).max) * t)) & (z > -_INF)
         q = xp.where(over, -_INF, xp.where(over, 0.0, z) / t)
     else:
         q = z / t
@@ -508,11 +509,16 @@ def cross_entropy(
     ndim = x.ndim
     if softcap is not None:
         x = softcap * xp.tanh(x / softcap)
-    if temperature != 1.0:
-        x = x / temperature
     axes = (axis,)
     num_classes = x.shape[axis]
     m, m0, z = _shift(x, axes, None, xp=xp)
+    if temperature != 1.0:
+        # shifted first, then divided (_scaled_shift): x / T is not one number under
+        # XLA on the CPU, and the shift of a maximal entry was then no longer 0: the
+        # z-loss of a row [0.5, -3, 40, 2, -60] at T = 0.6 came out 46.07 for 44.44
+        # under jit
+        z, _ = _scaled_shift(x, axes, None, temperature, False, xp=xp)
+        x, m, m0 = x / temperature, m / temperature, m0 / temperature
     _, _, log_total = _log_sum(z, axes, xp=xp)
     w = None if weight is None else _class_weights(weight, axis, ndim, xp=xp)
 
@@ -559,8 +565,10 @@ def cross_entropy(
 
     if z_loss > 0:
         # z_loss * lse**2; +inf in a +inf row, where its gradient (2 z lse p) would be
-        # infinite: there it is a constant, and the gradient keeps its finite limit
-        regular = xp.squeeze(m != _INF, axis=axis)
+        # infinite: there it is a constant, and the gradient keeps its finite limit;
+        # +inf and constant in an all -inf row too (lse = -inf: a forward-mode
+        # derivative 2 z lse dlse was -inf * 0 = NaN there)
+        regular = xp.squeeze(xp.isfinite(m), axis=axis)
         lse = xp.squeeze(_lse_from_parts(m, m0, log_total, xp=xp), axis=axis)
         lse = xp.where(regular, lse, 0.0)
         loss = loss + xp.where(regular, z_loss * lse * lse, _INF)

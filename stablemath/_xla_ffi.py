@@ -263,9 +263,10 @@ _ERROR_DESTROY, _SCHEDULE, _NUM_THREADS = 8, 17, 18
 # rows, row length, x, out, the kernel's parameter (float64: 1/T, or the smoothing of a
 # cross-entropy), the addresses of a cross-entropy's targets
 _NEXT, _REFUSED, _ACTIVE, _REFS, _STEP, _JOB_ROWS, _JOB_N, _JOB_X, _JOB_OUT, _PARAM = range(10)
-# and, for a cross-entropy with its gradient, those of the gradient and of its factors
-_TARGETS_AT, _GRAD_AT, _SCALES_AT = 10, 11, 12
-_JOB_WORDS = 13
+# and, for a cross-entropy with its gradient, those of the gradient and of its factors;
+# a cross-entropy's 1 / temperature and z-loss (float64)
+_TARGETS_AT, _GRAD_AT, _SCALES_AT, _INV_T, _Z = 10, 11, 12, 13, 14
+_JOB_WORDS = 15
 
 
 @numba.njit(cache=True)
@@ -301,18 +302,28 @@ def _release(job: int) -> None:
 
 
 def _rows_runner(kernel: Any, element: Any, kind: str) -> Any:
-    """``run_rows(x, out, targets, grad, scales, r0, r1, param)``: ``kernel`` on the
+    """``run_rows(x, out, targets, grad, scales, r0, r1, param, inv_t, z)``: ``kernel`` on the
     rows ``[r0, r1)`` of ``x``, its output at address ``out`` (and the int32 targets of
     a cross-entropy at ``targets``, -1 for a sample that contributes 0); False where it
     refuses one. ``kind``: "normalise" (``out`` like ``x``), "reduce" (one float32 a
     row, the logsumexp), "cross_entropy" (one float32 loss a row, unweighted, with
-    smoothing ``param``), "cross_entropy_grad" (that, and at address ``grad`` the
+    smoothing ``param``, of the logits times ``inv_t``, with the z-loss ``z``),
+    "cross_entropy_grad" (that, and at address ``grad`` the
     gradient of each loss times its float32 factor at ``scales``, in ``x``'s dtype)."""
     if kind == "normalise":
 
         @numba.njit(cache=True)
         def run_rows(
-            x: Any, out: int, targets: int, grad: int, scales: int, r0: int, r1: int, param: float
+            x: Any,
+            out: int,
+            targets: int,
+            grad: int,
+            scales: int,
+            r0: int,
+            r1: int,
+            param: float,
+            inv_t: float,
+            z: float,
         ) -> bool:
             result = numba.carray(_address(out), x.shape, element)
             return kernel(x, result, r0, r1, param)
@@ -321,7 +332,16 @@ def _rows_runner(kernel: Any, element: Any, kind: str) -> Any:
 
         @numba.njit(cache=True)
         def run_rows(
-            x: Any, out: int, targets: int, grad: int, scales: int, r0: int, r1: int, param: float
+            x: Any,
+            out: int,
+            targets: int,
+            grad: int,
+            scales: int,
+            r0: int,
+            r1: int,
+            param: float,
+            inv_t: float,
+            z: float,
         ) -> bool:
             result = numba.carray(_address(out), (x.shape[0],), np.float32)
             return kernel(x, result, r0, r1, 1.0)
@@ -330,20 +350,38 @@ def _rows_runner(kernel: Any, element: Any, kind: str) -> Any:
 
         @numba.njit(cache=True)
         def run_rows(
-            x: Any, out: int, targets: int, grad: int, scales: int, r0: int, r1: int, param: float
+            x: Any,
+            out: int,
+            targets: int,
+            grad: int,
+            scales: int,
+            r0: int,
+            r1: int,
+            param: float,
+            inv_t: float,
+            z: float,
         ) -> bool:
             rows = x.shape[0]
             loss = numba.carray(_address(out), (rows,), np.float32)
             target = numba.carray(_address(targets), (rows,), np.int32)
             no_weight = np.empty(0, np.float64)
             no_grad = np.empty((0, 0), np.float32)
-            return kernel(x, loss, r0, r1, target, no_weight, -1, param, 1.0, 0.0, no_grad, 1.0)
+            return kernel(x, loss, r0, r1, target, no_weight, -1, param, inv_t, z, no_grad, 1.0)
 
     else:  # the loss and its gradient, in one pass
 
         @numba.njit(cache=True)
         def run_rows(
-            x: Any, out: int, targets: int, grad: int, scales: int, r0: int, r1: int, param: float
+            x: Any,
+            out: int,
+            targets: int,
+            grad: int,
+            scales: int,
+            r0: int,
+            r1: int,
+            param: float,
+            inv_t: float,
+            z: float,
         ) -> bool:
             rows = x.shape[0]
             loss = numba.carray(_address(out), (rows,), np.float32)
@@ -351,7 +389,7 @@ def _rows_runner(kernel: Any, element: Any, kind: str) -> Any:
             g = numba.carray(_address(grad), x.shape, element)
             factor = numba.carray(_address(scales), (rows,), np.float32)
             no_weight = np.empty(0, np.float64)
-            return kernel(x, loss, r0, r1, target, no_weight, -1, param, 1.0, 0.0, g, factor)
+            return kernel(x, loss, r0, r1, target, no_weight, -1, param, inv_t, z, g, factor)
 
     return run_rows
 
@@ -364,7 +402,8 @@ def _work(run_rows: Any, element: Any) -> Any:
     @numba.njit(cache=True)
     def work(job: int) -> None:
         words = numba.carray(_address(job), (_JOB_WORDS,), np.int64)
-        param = numba.carray(_address(job), (_JOB_WORDS,), np.float64)[_PARAM]
+        floats = numba.carray(_address(job), (_JOB_WORDS,), np.float64)
+        param, inv_t, z = floats[_PARAM], floats[_INV_T], floats[_Z]
         rows, n, step = words[_JOB_ROWS], words[_JOB_N], words[_STEP]
         x = numba.carray(_address(words[_JOB_X]), (rows, n), element)
         while True:
@@ -375,7 +414,8 @@ def _work(run_rows: Any, element: Any) -> Any:
                 return
             r1 = min(r0 + step, rows)
             out, targets, grad = words[_JOB_OUT], words[_TARGETS_AT], words[_GRAD_AT]
-            if not run_rows(x, out, targets, grad, words[_SCALES_AT], r0, r1, param):
+            scales = words[_SCALES_AT]
+            if not run_rows(x, out, targets, grad, scales, r0, r1, param, inv_t, z):
                 words[_REFUSED] = 1
             _atomic_add(job + 8 * _ACTIVE, -1)
 
@@ -383,14 +423,20 @@ def _work(run_rows: Any, element: Any) -> Any:
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _edge_cross_entropy(x: Any, t: int, smoothing: float, grad: Any, scale: float) -> float:
-    """The unweighted loss of the one row of ``x`` that the kernel refused, from its
-    log-probabilities (the log_softmax kernel's, or their SPEC §3 edge values):
-    ``-lp[t]``, with smoothing ``(1 - e) (-lp[t]) + e / C sum_c (-lp[c])``; unless
-    ``grad`` is empty, its gradient times ``scale`` into ``grad``."""
+def _edge_cross_entropy(
+    x: Any, t: int, smoothing: float, inv_t: float, z: float, grad: Any, scale: float
+) -> float:
+    """The unweighted loss of the one row of ``x`` (logits times ``inv_t``) that the
+    kernel refused, from its log-probabilities (the log_softmax kernel's, or their
+    SPEC §3 edge values): ``-lp[t]``, with smoothing ``(1 - e) (-lp[t]) + e / C sum_c
+    (-lp[c])``, plus the z-loss ``z L**2`` (``L`` the logsumexp: ``+inf`` in a row of
+    ``+-inf`` maximum, as the generic kernels give); unless ``grad`` is empty, its
+    gradient times ``scale`` into ``grad``: ``inv_t ((1 + 2 z L) p - e / C - (1 - e)
+    onehot(t))``, without the z-loss's term where ``L`` is not finite (SPEC §3: it
+    adds nothing in a ``+inf`` row)."""
     n = x.shape[1]
     lp = np.empty((1, n), np.float64)
-    if not ck.log_softmax_rows(x, lp, 0, 1, 1.0):
+    if not ck.log_softmax_rows(x, lp, 0, 1, inv_t):
         _edge_log_softmax(x[0], lp[0])
     loss = 0.0 - lp[0, t]  # (+0, not -0, for a row of log_softmax 0 at t)
     if smoothing > 0.0:
@@ -398,6 +444,18 @@ def _edge_cross_entropy(x: Any, t: int, smoothing: float, grad: Any, scale: floa
         for c in range(n):
             acc -= lp[0, c]
         loss = (1.0 - smoothing) * loss + smoothing * acc / n
+    zl = 0.0  # 2 z L where L is finite
+    if z > 0.0:
+        m = ck._row_max(x[0])  # (NaN only for a row of NaN)
+        lse = m * inv_t  # +-inf for a +-inf maximum
+        if math.isfinite(m):
+            for c in range(n):
+                if np.float64(ck._real(x[0, c])) == m:
+                    lse -= lp[0, c]  # the maximum's log-probability is -log(sum)
+                    break
+        loss += z * lse * lse
+        if math.isfinite(lse):
+            zl = 2.0 * z * lse
     if grad.shape[0] > 0:
         # p - e / C - (1 - e) onehot(t), p = exp(lp); -(1 - e) onehot(t) in an all
         # -inf row (the generic kernels' limit)
@@ -405,9 +463,11 @@ def _edge_cross_entropy(x: Any, t: int, smoothing: float, grad: Any, scale: floa
         for c in range(n):
             dead = dead and lp[0, c] == -math.inf
         spread = 0.0 if dead else smoothing / n
+        f = scale * inv_t
         for c in range(n):
             # (a variable for the value: see _edge_softmax)
-            v = scale * (math.exp(lp[0, c]) - spread - ((1.0 - smoothing) if c == t else 0.0))
+            hit = (1.0 - smoothing) if c == t else 0.0
+            v = f * ((1.0 + zl) * math.exp(lp[0, c]) - spread - hit)
             ck._put(grad, c, v)
     return loss
 
@@ -427,7 +487,9 @@ def _handler(kernel: Any, element: Any, kind: str) -> Any:
     """The FFI handler running ``kernel`` on rows of ``element`` (``kind`` as in
     :func:`_rows_runner`): arguments ``x``, for a cross-entropy the int32 targets (and
     with its gradient the float32 factor of each sample's gradient), and the float64
-    parameter (two uint32); results ``out`` (and the gradient, like ``x``).
+    parameters (float64, as pairs of uint32: 1/T for softmax and log_softmax; the
+    smoothing, 1/T and the z-loss for a cross-entropy); results ``out`` (and the
+    gradient, like ``x``).
 
     An array of at least ``2 * _MIN_PARALLEL`` elements is shared out among the
     threads of XLA's own CPU pool (``XLA_FFI_ThreadPool_Schedule``; the very threads
@@ -444,14 +506,22 @@ def _handler(kernel: Any, element: Any, kind: str) -> Any:
     task_address = task.address
 
     def run(
-        frame: Any, x: Any, out: int, targets: int, grad: int, scales: int, param: float
+        frame: Any,
+        x: Any,
+        out: int,
+        targets: int,
+        grad: int,
+        scales: int,
+        param: float,
+        inv_t: float,
+        z: float,
     ) -> bool:
         rows, n = x.shape
         threads = 1 if x.size < 2 * ck._MIN_PARALLEL else _pool_threads(frame)
         threads = min(threads, rows, x.size // ck._MIN_PARALLEL)
         job = _malloc(8 * _JOB_WORDS) if threads > 1 else 0
         if job == 0:
-            return run_rows(x, out, targets, grad, scales, 0, rows, param)
+            return run_rows(x, out, targets, grad, scales, 0, rows, param, inv_t, z)
         words = numba.carray(_address(job), (_JOB_WORDS,), np.int64)
         words[:] = 0
         words[_REFS] = threads
@@ -459,7 +529,8 @@ def _handler(kernel: Any, element: Any, kind: str) -> Any:
         words[_JOB_ROWS], words[_JOB_N] = rows, n
         words[_JOB_X], words[_JOB_OUT], words[_TARGETS_AT] = x.ctypes.data, out, targets
         words[_GRAD_AT], words[_SCALES_AT] = grad, scales
-        numba.carray(_address(job), (_JOB_WORDS,), np.float64)[_PARAM] = param
+        floats = numba.carray(_address(job), (_JOB_WORDS,), np.float64)
+        floats[_PARAM], floats[_INV_T], floats[_Z] = param, inv_t, z
         api = numba.carray(_address(frame[_API]), (_SCHEDULE + 1,), np.int64)
         args = np.zeros(5, np.int64)
         args[0], args[2], args[3], args[4] = 40, frame[_CTX], task_address, job
@@ -491,11 +562,13 @@ def _handler(kernel: Any, element: Any, kind: str) -> Any:
         grad = _buffer(frame[_RETS], 1)[_DATA] if with_grad else 0
         rows, n = _rows(xb)
         x = numba.carray(_address(xb[_DATA]), (rows, n), element)
-        param = numba.carray(_address(pb[_DATA]), (1,), np.float64)[0]
-        if run(frame, x, out, targets, grad, scales, param):
+        params = numba.carray(_address(pb[_DATA]), (3 if cross_entropy else 1,), np.float64)
+        param = params[0]
+        inv_t, z = (params[1], params[2]) if cross_entropy else (1.0, 0.0)
+        if run(frame, x, out, targets, grad, scales, param, inv_t, z):
             return 0  # a null XLA_FFI_Error*: success
         for i in range(rows):
-            if run_rows(x, out, targets, grad, scales, i, i + 1, param):
+            if run_rows(x, out, targets, grad, scales, i, i + 1, param, inv_t, z):
                 continue
             if kind == "normalise":
                 edge(x[i], numba.carray(_address(out), (rows, n), element)[i])
@@ -510,7 +583,7 @@ def _handler(kernel: Any, element: Any, kind: str) -> Any:
                 else:
                     g = np.empty(0, element)
                     scale = np.float32(1.0)
-                loss[i] = _edge_cross_entropy(x[i : i + 1], t, param, g, scale)
+                loss[i] = _edge_cross_entropy(x[i : i + 1], t, param, inv_t, z, g, scale)
         return 0
 
     return handler
@@ -636,7 +709,10 @@ def _jax_functions() -> Any:
     def entry(func: str, axis: int, t: float, cpu_only: bool, x: Any) -> Any:
         return value(func, axis, t, cpu_only, x)
 
-    def ce_on_cpu(eps: float, with_grad: bool, x: Any, t: Any, *scales: Any) -> Any:
+    # A cross-entropy's options, a static argument: opts = (label smoothing, 1 /
+    # temperature, z-loss)
+
+    def ce_on_cpu(opts: tuple, with_grad: bool, x: Any, t: Any, *scales: Any) -> Any:
         loss = jax.ShapeDtypeStruct(x.shape[:-1], jnp.float32)
         results = (loss, jax.ShapeDtypeStruct(x.shape, x.dtype)) if with_grad else loss
         call = jax.ffi.ffi_call(
@@ -644,20 +720,34 @@ def _jax_functions() -> Any:
             results,
             vmap_method="broadcast_all",
         )
-        return call(x, t, *scales, jnp.asarray(np.array([eps]).view(np.uint32)))
+        return call(x, t, *scales, jnp.asarray(np.array(opts, np.float64).view(np.uint32)))
 
-    def ce_gradient(eps: float, cpu_only: bool, x: Any, t: Any) -> Any:
-        # p - e / C - (1 - e) onehot(t), 0 for a sample of target -1; in an all -inf
-        # row (p = 0) -(1 - e) onehot(t), as the generic kernels give
+    def ce_parts(opts: tuple, cpu_only: bool, x: Any) -> tuple[Any, Any, Any, Any]:
+        """``(p, 2 z L, 2 z, dead)``: the softmax of ``x / T`` (float32), twice the
+        z-loss times the logsumexp ``L`` of ``x / T`` and twice the z-loss (both 0
+        where ``L`` is not finite: SPEC §3, the z-loss adds nothing to the gradient of
+        a +inf row), and the all -inf rows."""
+        _, inv_t, z = opts
         x32 = x.astype(jnp.float32)
-        p = value("softmax", x.ndim - 1, 1.0, cpu_only, x32)
+        p = value("softmax", x.ndim - 1, 1.0 / inv_t, cpu_only, x32)
+        dead = jnp.max(x32, axis=-1, keepdims=True) == -jnp.inf
+        if not z:
+            return p, 0.0, 0.0, dead
+        lse = value("logsumexp", x.ndim - 1, 1.0, cpu_only, x32 * inv_t)[..., None]
+        finite = jnp.isfinite(lse)
+        return p, jnp.where(finite, 2.0 * z * lse, 0.0), jnp.where(finite, 2.0 * z, 0.0), dead
+
+    def ce_gradient(opts: tuple, cpu_only: bool, x: Any, t: Any) -> Any:
+        # (p (1 + 2 z L) - e / C - (1 - e) onehot(t)) / T, 0 for a sample of target -1;
+        # in an all -inf row (p = 0) -(1 - e) onehot(t) / T, as the generic kernels give
+        eps, inv_t, _ = opts
+        p, zl, _, dead = ce_parts(opts, cpu_only, x)
         n = x.shape[-1]
         onehot = jnp.arange(n) == t[..., None]
-        dead = jnp.max(x32, axis=-1, keepdims=True) == -jnp.inf
-        g = p - jnp.where(dead, 0.0, eps / n) - jnp.where(onehot, 1.0 - eps, 0.0)
-        return jnp.where(t[..., None] < 0, 0.0, g)
+        g = p * (1.0 + zl) - jnp.where(dead, 0.0, eps / n) - jnp.where(onehot, 1.0 - eps, 0.0)
+        return jnp.where(t[..., None] < 0, 0.0, g * inv_t)
 
-    def ce_generic(eps: float, with_grad: bool, x: Any, t: Any, *scales: Any) -> Any:
+    def ce_generic(opts: tuple, with_grad: bool, x: Any, t: Any, *scales: Any) -> Any:
         # the generic kernel itself on the targets as prepared (-1: contributes 0),
         # in the computing dtype the facade would choose (the facade would come back
         # to the fast paths)
@@ -671,67 +761,67 @@ def _jax_functions() -> Any:
             weight=None,
             ignore_index=-1,
             reduction="none",
-            label_smoothing=eps,
-            temperature=1.0,
+            label_smoothing=opts[0],
+            temperature=1.0 / opts[1],
             softcap=None,
-            z_loss=0.0,
+            z_loss=opts[2],
             sample_mask=None,
             xp=xp,
         )
         loss = loss.astype(jnp.float32)
         if not with_grad:
             return loss
-        g = scales[0][..., None] * ce_gradient(eps, False, x, t)
+        g = scales[0][..., None] * ce_gradient(opts, False, x, t)
         return loss, g.astype(x.dtype)
 
-    def ce_call(eps: float, with_grad: bool, cpu_only: bool, x: Any, t: Any, *scales: Any) -> Any:
+    def ce_call(opts: tuple, with_grad: bool, cpu_only: bool, x: Any, t: Any, *scales: Any) -> Any:
         if cpu_only:
-            return ce_on_cpu(eps, with_grad, x, t, *scales)
+            return ce_on_cpu(opts, with_grad, x, t, *scales)
         return lax.platform_dependent(
             x,
             t,
             *scales,
-            cpu=functools.partial(ce_on_cpu, eps, with_grad),
-            default=functools.partial(ce_generic, eps, with_grad),
+            cpu=functools.partial(ce_on_cpu, opts, with_grad),
+            default=functools.partial(ce_generic, opts, with_grad),
         )
 
     @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
-    def ce_rows(eps: float, cpu_only: bool, x: Any, t: Any) -> Any:
+    def ce_rows(opts: tuple, cpu_only: bool, x: Any, t: Any) -> Any:
         """The unweighted per-sample loss (float32), classes on the last axis; 0 where
         ``t`` is -1."""
-        return ce_call(eps, False, cpu_only, x, t)
+        return ce_call(opts, False, cpu_only, x, t)
 
     @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
-    def ce_total(eps: float, cpu_only: bool, x: Any, t: Any, s: Any) -> Any:
+    def ce_total(opts: tuple, cpu_only: bool, x: Any, t: Any, s: Any) -> Any:
         """``sum(s * ce_rows(x, t))``, float32: a reduced loss, with the reduction's
         factor of each sample in ``s`` (float32, like ``t``)."""
-        return jnp.sum(s * ce_rows(eps, cpu_only, x, t))
+        return jnp.sum(s * ce_rows(opts, cpu_only, x, t))
 
     @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
-    def ce_rows_and_gradient(eps: float, cpu_only: bool, x: Any, t: Any, s: Any) -> Any:
+    def ce_rows_and_gradient(opts: tuple, cpu_only: bool, x: Any, t: Any, s: Any) -> Any:
         """``(loss, G)``: the loss of :func:`ce_rows` and ``s`` times its gradient (in
         ``x``'s dtype), from one pass of the kernel over the logits."""
-        return ce_call(eps, True, cpu_only, x, t, s)
+        return ce_call(opts, True, cpu_only, x, t, s)
 
     def tangent(g: Any, dx: Any) -> Any:
         """``sum(g dx)`` over the classes, in float32."""
         return jnp.sum(g.astype(jnp.float32) * dx.astype(jnp.float32), axis=-1)
 
     @ce_rows.defjvp
-    def ce_rows_jvp(eps: float, cpu_only: bool, primals: Any, tangents: Any) -> tuple[Any, Any]:
+    def ce_rows_jvp(opts: tuple, cpu_only: bool, primals: Any, tangents: Any) -> tuple[Any, Any]:
         x, t = primals
         ones = jnp.ones(t.shape, jnp.float32)
-        loss, g = ce_rows_and_gradient(eps, cpu_only, x, t, ones)
+        loss, g = ce_rows_and_gradient(opts, cpu_only, x, t, ones)
         return loss, tangent(g, tangents[0])
 
-    def ce_total_jvp(eps: float, cpu_only: bool, primals: Any, tangents: Any) -> tuple[Any, Any]:
+    def ce_total_jvp(opts: tuple, cpu_only: bool, primals: Any, tangents: Any) -> tuple[Any, Any]:
         # the reduction's factors are in the kernel's gradient: its transpose is then
         # the upstream gradient times that array, which XLA drops for the 1 that
         # jax.grad starts from (no second pass over the gradient). Symbolic zeros:
         # a constant s has no term ds * loss, which is NaN for a loss of +inf
         x, t, s = primals
         dx, _, ds = tangents
-        loss, g = ce_rows_and_gradient(eps, cpu_only, x, t, s)
+        loss, g = ce_rows_and_gradient(opts, cpu_only, x, t, s)
         terms = []
         if not isinstance(dx, jax.custom_derivatives.SymbolicZero):
             terms.append(jnp.sum(tangent(g, dx)))
@@ -743,19 +833,23 @@ def _jax_functions() -> Any:
 
     @ce_rows_and_gradient.defjvp
     def ce_rows_and_gradient_jvp(
-        eps: float, cpu_only: bool, primals: Any, tangents: Any
+        opts: tuple, cpu_only: bool, primals: Any, tangents: Any
     ) -> tuple[Any, Any]:
-        # the gradient moves with p, whose derivative is the softmax's: in a row that
-        # counts and is not all -inf, dg = dp = p (dx - sum(p dx)); G = s g
+        # the gradient moves with p and L, whose derivatives are the softmax's and
+        # the logsumexp's: in a row that counts and is not all -inf, with u = dx / T,
+        # dp = p (u - sum(p u)), dL = sum(p u), and dg = ((1 + 2 z L) dp + 2 z dL p) / T;
+        # G = s g
+        inv_t = opts[1]
         x, t, s = primals
         dx, _, ds = tangents
-        dx = dx.astype(jnp.float32)
-        loss, big_g = ce_rows_and_gradient(eps, cpu_only, x, t, s)
-        g = ce_gradient(eps, cpu_only, x, t)
-        p = value("softmax", x.ndim - 1, 1.0, cpu_only, x.astype(jnp.float32))
-        still = (t[..., None] < 0) | (jnp.max(x, axis=-1, keepdims=True) == -jnp.inf)
-        dp = p * (dx - jnp.sum(p * dx, axis=-1, keepdims=True))
-        d_big_g = ds[..., None] * g + s[..., None] * jnp.where(still, 0.0, dp)
+        u = dx.astype(jnp.float32) * inv_t
+        loss, big_g = ce_rows_and_gradient(opts, cpu_only, x, t, s)
+        g = ce_gradient(opts, cpu_only, x, t)
+        p, zl, zon, dead = ce_parts(opts, cpu_only, x)
+        still = (t[..., None] < 0) | dead
+        dl = jnp.sum(p * u, axis=-1, keepdims=True)
+        dg = ((1.0 + zl) * p * (u - dl) + zon * dl * p) * inv_t
+        d_big_g = ds[..., None] * g + s[..., None] * jnp.where(still, 0.0, dg)
         return (loss, big_g), (tangent(g, dx), d_big_g.astype(big_g.dtype))
 
     @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
@@ -763,7 +857,7 @@ def _jax_functions() -> Any:
         axis: int,
         ignore_index: int,
         reduction: str,
-        eps: float,
+        opts: tuple,
         cpu_only: bool,
         x: Any,
         target: Any,
@@ -784,7 +878,7 @@ def _jax_functions() -> Any:
             t = jnp.where(counted == 0, -1, t)
         nan = jnp.where(bad, jnp.nan, 0.0)
         if reduction == "none":
-            loss = ce_rows(eps, cpu_only, xm, t)
+            loss = ce_rows(opts, cpu_only, xm, t)
             loss = loss if weight is None else counted * loss
             return (loss + nan).astype(x.dtype)
         if reduction == "mean":
@@ -792,7 +886,7 @@ def _jax_functions() -> Any:
             count = jnp.sum(counted)
             counted = counted / jnp.where(count == 0, 1.0, count)
         # (the kernel reads the factors as float32: with jax_enable_x64 they were not)
-        total = ce_total(eps, cpu_only, xm, t, counted.astype(jnp.float32)) + jnp.sum(nan)
+        total = ce_total(opts, cpu_only, xm, t, counted.astype(jnp.float32)) + jnp.sum(nan)
         return total.astype(x.dtype)
 
     return entry, ce_entry
@@ -845,17 +939,21 @@ def cross_entropy(
     ignore_index: int,
     reduction: str,
     smoothing: float,
+    temperature: float = 1.0,
+    z_loss: float = 0.0,
 ) -> Any:
-    """Hard-target cross-entropy of the JAX array ``x`` (classes along ``axis``, an
-    index) against integer ``target`` of its sample shape, or None where the kernels
-    do not apply: class weights with label smoothing (the kernel's smoothing term is
-    unweighted), or an eager call with a target out of range (the generic path
-    raises). The kernel gives each sample's unweighted loss; weights, the ignored
-    samples and the reduction are applied here."""
+    """Hard-target cross-entropy of the JAX array ``x / temperature`` (classes along
+    ``axis``, an index) against integer ``target`` of its sample shape, with the
+    z-loss ``z_loss``, or None where the kernels do not apply: class weights with label
+    smoothing or the z-loss (the kernel's smoothing term and z-loss are unweighted,
+    and the weight of a sample multiplies its whole loss here), or an eager call with
+    a target out of range (the generic path raises). The kernel gives each sample's
+    unweighted loss; weights, the ignored samples and the reduction are applied
+    here."""
     import jax
 
     cpu = _cpu_only(x)
-    if cpu is False or (weight is not None and smoothing > 0):
+    if cpu is False or (weight is not None and (smoothing > 0 or z_loss > 0)):
         return None
     if not isinstance(target, jax.core.Tracer):
         # (in NumPy: under a trace, jnp would stage this check on a captured target)
@@ -863,4 +961,5 @@ def cross_entropy(
         if ((values != ignore_index) & ((values < 0) | (values >= n))).any():
             return None
     ce_entry = _jax_functions()[1]
-    return ce_entry(axis, ignore_index, reduction, smoothing, bool(cpu), x, target, weight)
+    opts = (float(smoothing), 1.0 / temperature, float(z_loss))
+    return ce_entry(axis, ignore_index, reduction, opts, bool(cpu), x, target, weight)

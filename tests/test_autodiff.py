@@ -188,6 +188,43 @@ def test_cross_entropy_gradient(ad, case, dtype):
 
 
 @DTYPES
+@pytest.mark.parametrize(("temperature", "z"), [(0.6, 0.0), (2.5, 0.0), (0.6, 0.01), (1.0, 0.01)])
+@pytest.mark.parametrize("case", range(len(CE_ROWS)))
+def test_cross_entropy_gradient_with_temperature_and_z_loss(ad, case, temperature, z, dtype):
+    """The rows above at a temperature T, with the z-loss: the gradient is (their
+    gradient at x / T, plus 2 z lse(x / T) softmax(x / T) where that lse is finite) / T,
+    in reverse and in forward mode (-1 / T at a -inf target; the forward-mode
+    derivative of the z-loss of an all -inf row was NaN)."""
+    row, t = CE_ROWS[case]
+    row = np.array([row])
+    tgt = ad_const(ad, np.array([t])).astype(int) if ad.name == "jax" else ad.module.tensor([t])
+
+    def loss(x):
+        return sm.cross_entropy(x, tgt, temperature=temperature, z_loss=z)
+
+    g = grad(ad, loss, row, dtype)
+    scaled = row[0] / temperature
+    p = _softmax(scaled)
+    want = p - np.eye(3)[t]
+    if z and np.isfinite(np.max(scaled)):
+        want += 2 * z * (np.max(scaled) + np.log(np.sum(np.exp(scaled - np.max(scaled))))) * p
+    want /= temperature
+    rtol = 1e-14 if dtype == "float64" else 2e-6
+    np.testing.assert_allclose(g[0], want, rtol=rtol, atol=1e-300)
+    d = np.array([[0.3, -1.0, 2.0]])
+    if ad.name == "torch":
+        torch = ad.module
+        x_, d_ = (torch.tensor(a, dtype=getattr(torch, dtype)) for a in (row, d))
+        tangent = torch.func.jvp(loss, (x_,), (d_,))[1]
+    else:
+        import jax
+
+        x_, d_ = (jax.numpy.asarray(a, dtype=dtype) for a in (row, d))
+        tangent = jax.jvp(loss, (x_,), (d_,))[1]
+    np.testing.assert_allclose(float(tangent), float(np.sum(want * d)), rtol=rtol * 10)
+
+
+@DTYPES
 def test_cross_entropy_gradient_with_options(ad, dtype):
     """weight, ignore_index, label_smoothing and the weighted mean: the gradient by
     hand (PyTorch's definition), in float64 and in float32 (torch's fast path)."""

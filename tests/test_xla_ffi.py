@@ -215,6 +215,9 @@ CE_OPTIONS = [
     {"reduction": "none", "weight": [1.0, 2.0, 0.0, 0.5, 1.0]},
     {"reduction": "mean", "weight": [1.0, 2.0, 0.5, 0.5, 1.0]},
     {"reduction": "mean", "ignore_index": 2},
+    {"reduction": "none", "temperature": 0.6, "z_loss": 1e-2},
+    {"reduction": "mean", "label_smoothing": 0.2, "temperature": 2.0, "z_loss": 1e-3},
+    {"reduction": "sum", "weight": [1.0, 2.0, 0.0, 0.5, 1.0], "temperature": 0.5},
 ]
 
 
@@ -242,10 +245,12 @@ def test_cross_entropy_ffi_call_is_what_runs(jax, dtype, monkeypatch):
     hlo = jax.jit(sm.cross_entropy).lower(x, t).compile().as_text()
     assert f"stablemath_cross_entropy_{dtype}" in hlo
     sm.cross_entropy(x, t, weight=jnp.ones(5, dtype="float32"))
+    sm.cross_entropy(x, t, z_loss=1e-4, temperature=2.0, label_smoothing=0.1)
     assert spied == []
     sm.cross_entropy(x, t, weight=jnp.ones(5, dtype="float32"), label_smoothing=0.1)
-    sm.cross_entropy(x, t, z_loss=1e-4)
-    assert len(spied) == 2  # weights with smoothing, z_loss: the generic kernels
+    sm.cross_entropy(x, t, weight=jnp.ones(5, dtype="float32"), z_loss=1e-4)
+    sm.cross_entropy(x, t, softcap=30.0)
+    assert len(spied) == 3  # weights with smoothing or z-loss, softcap: the generic kernels
 
 
 @pytest.mark.parametrize("options", CE_OPTIONS, ids=str)
@@ -314,9 +319,9 @@ def test_cross_entropy_bad_target(jax, monkeypatch):
         sm.cross_entropy(x, t)
 
 
-# (not the last options: with ignore_index 2 the target -100 is out of range, which
-# an eager target sends to the generic kernels)
-@pytest.mark.parametrize("options", CE_OPTIONS[:6], ids=str)
+# (not ignore_index 2: then the target -100 is out of range, which an eager target
+# sends to the generic kernels)
+@pytest.mark.parametrize("options", [o for o in CE_OPTIONS if "ignore_index" not in o], ids=str)
 def test_cross_entropy_derivatives_match_the_generic_kernels(jax, options, monkeypatch):
     """Reverse mode w.r.t. logits and weights, forward mode, under jit: finite at
     every edge but NaN (SPEC §3: softmax - onehot, -onehot in an all -inf row, the
@@ -433,6 +438,8 @@ def test_cross_entropy_large_and_vmapped(jax, monkeypatch):
         {"label_smoothing": 0.2, "reduction": "sum"},
         {"label_smoothing": 0.2, "reduction": "mean"},
         {"weight": [1.0, 2.0, 0.0, 3.0, 0.5], "reduction": "mean"},
+        {"label_smoothing": 0.2, "reduction": "mean", "temperature": 0.7, "z_loss": 1e-2},
+        {"weight": [1.0, 2.0, 0.0, 3.0, 0.5], "reduction": "sum", "temperature": 1.5},
     ],
     ids=str,
 )
@@ -468,7 +475,8 @@ def test_cross_entropy_second_derivatives(jax, options, monkeypatch):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
-def test_cross_entropy_platform_dependent_form(jax, monkeypatch):
+@pytest.mark.parametrize("extra", [{}, {"temperature": 0.7, "z_loss": 1e-3}], ids=str)
+def test_cross_entropy_platform_dependent_form(jax, extra, monkeypatch):
     """As test_platform_dependent_form, for the cross-entropy and its gradient: the
     CPU branch is the FFI call, and the other branch (the generic kernels) must not
     come back to the fast path (it recursed, at trace time)."""
@@ -481,7 +489,7 @@ def test_cross_entropy_platform_dependent_form(jax, monkeypatch):
     t = jnp.asarray(CE_TARGETS)
 
     def loss(v):
-        return sm.cross_entropy(v, t, label_smoothing=0.1)
+        return sm.cross_entropy(v, t, label_smoothing=0.1, **extra)
 
     f = jax.jit(jax.value_and_grad(loss))
     assert "stablemath_cross_entropy_grad_float32" in f.lower(x).compile().as_text()
