@@ -230,6 +230,17 @@ def _squeeze(a: Any, axes: tuple[int, ...], keepdims: bool, *, xp: Any) -> Any:
     return a if keepdims or not axes else xp.squeeze(a, axis=axes)
 
 
+def _divided(z: Any, t: float, *, xp: Any) -> Any:
+    """The shifted logits ``z`` (at most 0) over the temperature ``t``. Where ``t < 1``
+    a quotient beyond the dtype's range is -inf, without an overflow (NumPy would
+    warn) and with z's NaN kept; -inf itself is divided, which keeps its derivative
+    1 / t (a cross-entropy's target at -inf has gradient -1 / t)."""
+    if t >= 1.0:
+        return z / t
+    over = (z < -(float(xp.finfo(z.dtype).max) * t)) & (z > -_INF)
+    return xp.where(over, -_INF, xp.where(over, 0.0, z) / t)
+
+
 def _scaled_shift(
     x: Any, axes: tuple[int, ...], live: Any, t: float, compensate: bool, *, xp: Any
 ) -> tuple[Any, Any]:
@@ -248,14 +259,7 @@ def _scaled_shift(
     low = _shift_remainder(x, m0, z, live, xp=xp) if compensate else None
     if t == 1.0:
         return z, low
-    if t < 1.0:
-        # a quotient beyond the dtype's range is -inf, without an overflow (NumPy
-        # would warn) and with z's NaN kept; -inf itself is divided, which keeps its
-        # derivative 1 / t (a cross-entropy's target at -inf has gradient -1 / t)
-        over = (z < -(float(xp.finfo(z.dtype).max) * t)) & (z > -_INF)
-        q = xp.where(over, -_INF, xp.where(over, 0.0, z) / t)
-    else:
-        q = z / t
+    q = _divided(z, t, xp=xp)
     if low is None:
         return q, None
     # only where exp(q) can be nonzero (|q| <= 2048): elsewhere, and at -inf and NaN,
@@ -513,11 +517,11 @@ def cross_entropy(
     num_classes = x.shape[axis]
     m, m0, z = _shift(x, axes, None, xp=xp)
     if temperature != 1.0:
-        # shifted first, then divided (_scaled_shift): x / T is not one number under
+        # shifted first, then divided (as in _scaled_shift): x / T is not one number under
         # XLA on the CPU, and the shift of a maximal entry was then no longer 0: the
         # z-loss of a row [0.5, -3, 40, 2, -60] at T = 0.6 came out 46.07 for 44.44
         # under jit
-        z, _ = _scaled_shift(x, axes, None, temperature, False, xp=xp)
+        z = _divided(z, temperature, xp=xp)
         x, m, m0 = x / temperature, m / temperature, m0 / temperature
     _, _, log_total = _log_sum(z, axes, xp=xp)
     w = None if weight is None else _class_weights(weight, axis, ndim, xp=xp)
