@@ -266,7 +266,9 @@ _NEXT, _REFUSED, _ACTIVE, _REFS, _STEP, _JOB_ROWS, _JOB_N, _JOB_X, _JOB_OUT, _PA
 # and, for a cross-entropy with its gradient, those of the gradient and of its factors;
 # a cross-entropy's 1 / temperature and z-loss (float64)
 _TARGETS_AT, _GRAD_AT, _SCALES_AT, _INV_T, _Z = 10, 11, 12, 13, 14
-_JOB_WORDS = 15
+# and the address of its class weights' description (:func:`_weighted_rows`), or 0
+_WEIGHTS_AT = 15
+_JOB_WORDS = 16
 
 
 @numba.njit(cache=True)
@@ -301,6 +303,57 @@ def _release(job: int) -> None:
         _free(job)
 
 
+@numba.njit(cache=True)
+def _class_weights(wts: int) -> Any:
+    """The class weights described at ``wts``: three int64 words, the address of a
+    float32 array of ``(w_rows, C)`` and those two numbers (``C = 0``: no weights); a
+    2-d array of no rows where ``wts`` is 0."""
+    if wts == 0:
+        return numba.carray(_address(0), (0, 0), np.float32)
+    info = numba.carray(_address(wts), (3,), np.int64)
+    return numba.carray(_address(info[0]), (info[1], info[2]), np.float32)
+
+
+def _weighted_rows(kernel: Any) -> Any:
+    """``weighted(x, loss, r0, r1, target, wts, smoothing, inv_t, z, grad, factor)``:
+    the cross-entropy ``kernel`` on the rows ``[r0, r1)`` with the class weights at
+    ``wts`` (:func:`_class_weights`). Those have one row, or under ``jax.vmap``
+    (``vmap_method="broadcast_all"``) one row for each vmapped call: its rows of
+    ``x`` are a contiguous block of ``rows / w_rows``, and the kernel runs on each
+    block's part of ``[r0, r1)`` with that block's weights."""
+
+    @numba.njit(cache=True)
+    def weighted(
+        x: Any,
+        loss: Any,
+        r0: int,
+        r1: int,
+        target: Any,
+        wts: int,
+        smoothing: float,
+        inv_t: float,
+        z: float,
+        grad: Any,
+        factor: Any,
+    ) -> bool:
+        weights = _class_weights(wts)
+        if weights.shape[0] == 0 or weights.shape[1] == 0:
+            none = np.empty(0, np.float32)
+            return kernel(x, loss, r0, r1, target, none, -1, smoothing, inv_t, z, grad, factor)
+        per = x.shape[0] // weights.shape[0]
+        r = r0
+        while r < r1:
+            block = r // per
+            end = min(r1, (block + 1) * per)
+            w = weights[block]
+            if not kernel(x, loss, r, end, target, w, -1, smoothing, inv_t, z, grad, factor):
+                return False
+            r = end
+        return True
+
+    return weighted
+
+
 def _rows_runner(kernel: Any, element: Any, kind: str) -> Any:
     """``run_rows(x, out, targets, grad, scales, r0, r1, param, inv_t, z)``: ``kernel`` on the
     rows ``[r0, r1)`` of ``x``, its output at address ``out`` (and the int32 targets of
@@ -309,7 +362,10 @@ def _rows_runner(kernel: Any, element: Any, kind: str) -> Any:
     row, the logsumexp), "cross_entropy" (one float32 loss a row, unweighted, with
     smoothing ``param``, of the logits times ``inv_t``, with the z-loss ``z``),
     "cross_entropy_grad" (that, and at address ``grad`` the
-    gradient of each loss times its float32 factor at ``scales``, in ``x``'s dtype)."""
+    gradient of each loss times its float32 factor at ``scales``, in ``x``'s dtype);
+    a cross-entropy's class weights are described at ``wts`` (0: none), see
+    :func:`_weighted_rows`."""
+    weighted = _weighted_rows(kernel)
     if kind == "normalise":
 
         @numba.njit(cache=True)
@@ -324,6 +380,7 @@ def _rows_runner(kernel: Any, element: Any, kind: str) -> Any:
             param: float,
             inv_t: float,
             z: float,
+            wts: int,
         ) -> bool:
             result = numba.carray(_address(out), x.shape, element)
             return kernel(x, result, r0, r1, param)
@@ -342,6 +399,7 @@ def _rows_runner(kernel: Any, element: Any, kind: str) -> Any:
             param: float,
             inv_t: float,
             z: float,
+            wts: int,
         ) -> bool:
             result = numba.carray(_address(out), (x.shape[0],), np.float32)
             return kernel(x, result, r0, r1, 1.0)
@@ -360,13 +418,13 @@ def _rows_runner(kernel: Any, element: Any, kind: str) -> Any:
             param: float,
             inv_t: float,
             z: float,
+            wts: int,
         ) -> bool:
             rows = x.shape[0]
             loss = numba.carray(_address(out), (rows,), np.float32)
             target = numba.carray(_address(targets), (rows,), np.int32)
-            no_weight = np.empty(0, np.float64)
             no_grad = np.empty((0, 0), np.float32)
-            return kernel(x, loss, r0, r1, target, no_weight, -1, param, inv_t, z, no_grad, 1.0)
+            return weighted(x, loss, r0, r1, target, wts, param, inv_t, z, no_grad, 1.0)
 
     else:  # the loss and its gradient, in one pass
 
@@ -382,14 +440,14 @@ def _rows_runner(kernel: Any, element: Any, kind: str) -> Any:
             param: float,
             inv_t: float,
             z: float,
+            wts: int,
         ) -> bool:
             rows = x.shape[0]
             loss = numba.carray(_address(out), (rows,), np.float32)
             target = numba.carray(_address(targets), (rows,), np.int32)
             g = numba.carray(_address(grad), x.shape, element)
             factor = numba.carray(_address(scales), (rows,), np.float32)
-            no_weight = np.empty(0, np.float64)
-            return kernel(x, loss, r0, r1, target, no_weight, -1, param, inv_t, z, g, factor)
+            return weighted(x, loss, r0, r1, target, wts, param, inv_t, z, g, factor)
 
     return run_rows
 
@@ -414,8 +472,8 @@ def _work(run_rows: Any, element: Any) -> Any:
                 return
             r1 = min(r0 + step, rows)
             out, targets, grad = words[_JOB_OUT], words[_TARGETS_AT], words[_GRAD_AT]
-            scales = words[_SCALES_AT]
-            if not run_rows(x, out, targets, grad, scales, r0, r1, param, inv_t, z):
+            scales, wts = words[_SCALES_AT], words[_WEIGHTS_AT]
+            if not run_rows(x, out, targets, grad, scales, r0, r1, param, inv_t, z, wts):
                 words[_REFUSED] = 1
             _atomic_add(job + 8 * _ACTIVE, -1)
 
@@ -424,25 +482,41 @@ def _work(run_rows: Any, element: Any) -> Any:
 
 @numba.njit(cache=True, error_model="numpy")
 def _edge_cross_entropy(
-    x: Any, t: int, smoothing: float, inv_t: float, z: float, grad: Any, scale: float
+    x: Any,
+    t: int,
+    weight: Any,
+    smoothing: float,
+    inv_t: float,
+    z: float,
+    grad: Any,
+    scale: float,
 ) -> float:
-    """The unweighted loss of the one row of ``x`` (logits times ``inv_t``) that the
-    kernel refused, from its log-probabilities (the log_softmax kernel's, or their
-    SPEC §3 edge values): ``-lp[t]``, with smoothing ``(1 - e) (-lp[t]) + e / C sum_c
-    (-lp[c])``, plus the z-loss ``z L**2`` (``L`` the logsumexp: ``+inf`` in a row of
-    ``+-inf`` maximum, as the generic kernels give); unless ``grad`` is empty, its
-    gradient times ``scale`` into ``grad``: ``inv_t ((1 + 2 z L) p - e / C - (1 - e)
-    onehot(t))``, without the z-loss's term where ``L`` is not finite (SPEC §3: it
-    adds nothing in a ``+inf`` row)."""
+    """The loss of the one row of ``x`` (logits times ``inv_t``) that the kernel
+    refused, with class weights ``w`` (none for an empty ``weight``), from its
+    log-probabilities (the log_softmax kernel's, or their SPEC §3 edge values):
+    ``w[t] (-lp[t])``, with smoothing ``(1 - e) w[t] (-lp[t]) + e / C sum_c w[c]
+    (-lp[c])`` (a term of weight 0 is 0, even where ``-lp`` is ``+inf``), plus the
+    z-loss ``z L**2`` (``L`` the logsumexp: ``+inf`` in a row of ``+-inf`` maximum, as
+    the generic kernels give); unless ``grad`` is empty, its gradient times ``scale``
+    into ``grad``: ``inv_t ((a + 2 z L) p - e w / C - (1 - e) w[t] onehot(t))``, ``a =
+    (1 - e) w[t] + e sum(w) / C``, without the z-loss's term where ``L`` is not finite
+    (SPEC §3: it adds nothing in a ``+inf`` row)."""
     n = x.shape[1]
+    weighted = weight.shape[0] > 0
     lp = np.empty((1, n), np.float64)
     if not ck.log_softmax_rows(x, lp, 0, 1, inv_t):
         _edge_log_softmax(x[0], lp[0])
-    loss = 0.0 - lp[0, t]  # (+0, not -0, for a row of log_softmax 0 at t)
+    wt = np.float64(weight[t]) if weighted else 1.0
+    loss = 0.0 if wt == 0.0 else wt * (0.0 - lp[0, t])  # (+0, not -0, for lp 0 at t)
+    wsum = 0.0
+    for c in range(n):
+        wsum += np.float64(weight[c]) if weighted else 1.0
     if smoothing > 0.0:
         acc = 0.0
         for c in range(n):
-            acc -= lp[0, c]
+            wc = np.float64(weight[c]) if weighted else 1.0
+            if wc != 0.0:
+                acc -= wc * lp[0, c]
         loss = (1.0 - smoothing) * loss + smoothing * acc / n
     zl = 0.0  # 2 z L where L is finite
     if z > 0.0:
@@ -464,10 +538,12 @@ def _edge_cross_entropy(
             dead = dead and lp[0, c] == -math.inf
         spread = 0.0 if dead else smoothing / n
         f = scale * inv_t
+        a = (1.0 - smoothing) * wt + smoothing * wsum / n
         for c in range(n):
-            # (a variable for the value: see _edge_softmax)
-            hit = (1.0 - smoothing) if c == t else 0.0
-            v = f * ((1.0 + zl) * math.exp(lp[0, c]) - spread - hit)
+            # (variables for the value: see _edge_softmax)
+            wc = np.float64(weight[c]) if weighted else 1.0
+            hit = (1.0 - smoothing) * wt if c == t else 0.0
+            v = f * ((a + zl) * math.exp(lp[0, c]) - spread * wc - hit)
             ck._put(grad, c, v)
     return loss
 
@@ -515,20 +591,21 @@ def _handler(kernel: Any, element: Any, kind: str) -> Any:
         param: float,
         inv_t: float,
         z: float,
+        wts: int,
     ) -> bool:
         rows, n = x.shape
         threads = 1 if x.size < 2 * ck._MIN_PARALLEL else _pool_threads(frame)
         threads = min(threads, rows, x.size // ck._MIN_PARALLEL)
         job = _malloc(8 * _JOB_WORDS) if threads > 1 else 0
         if job == 0:
-            return run_rows(x, out, targets, grad, scales, 0, rows, param, inv_t, z)
+            return run_rows(x, out, targets, grad, scales, 0, rows, param, inv_t, z, wts)
         words = numba.carray(_address(job), (_JOB_WORDS,), np.int64)
         words[:] = 0
         words[_REFS] = threads
         words[_STEP] = max(1, min(rows // threads, ck._BLOCK // max(1, n)))
         words[_JOB_ROWS], words[_JOB_N] = rows, n
         words[_JOB_X], words[_JOB_OUT], words[_TARGETS_AT] = x.ctypes.data, out, targets
-        words[_GRAD_AT], words[_SCALES_AT] = grad, scales
+        words[_GRAD_AT], words[_SCALES_AT], words[_WEIGHTS_AT] = grad, scales, wts
         floats = numba.carray(_address(job), (_JOB_WORDS,), np.float64)
         floats[_PARAM], floats[_INV_T], floats[_Z] = param, inv_t, z
         api = numba.carray(_address(frame[_API]), (_SCHEDULE + 1,), np.int64)
@@ -556,8 +633,16 @@ def _handler(kernel: Any, element: Any, kind: str) -> Any:
             return 0
         xb = _buffer(frame[_ARGS], 0)
         targets = _buffer(frame[_ARGS], 1)[_DATA] if cross_entropy else 0
-        scales = _buffer(frame[_ARGS], 2)[_DATA] if with_grad else 0
-        pb = _buffer(frame[_ARGS], 3 if with_grad else 2 if cross_entropy else 1)
+        # a cross-entropy's class weights (float32, no classes: none), described for
+        # _class_weights in three words that live until the call returns
+        info = np.zeros(3, np.int64)
+        if cross_entropy:
+            wb = _buffer(frame[_ARGS], 2)
+            info[1], info[2] = _rows(wb)
+            info[0] = wb[_DATA]
+        wts = info.ctypes.data if info[2] > 0 else 0
+        scales = _buffer(frame[_ARGS], 3)[_DATA] if with_grad else 0
+        pb = _buffer(frame[_ARGS], 4 if with_grad else 3 if cross_entropy else 1)
         out = _buffer(frame[_RETS], 0)[_DATA]
         grad = _buffer(frame[_RETS], 1)[_DATA] if with_grad else 0
         rows, n = _rows(xb)
@@ -565,10 +650,11 @@ def _handler(kernel: Any, element: Any, kind: str) -> Any:
         params = numba.carray(_address(pb[_DATA]), (3 if cross_entropy else 1,), np.float64)
         param = params[0]
         inv_t, z = (params[1], params[2]) if cross_entropy else (1.0, 0.0)
-        if run(frame, x, out, targets, grad, scales, param, inv_t, z):
+        if run(frame, x, out, targets, grad, scales, param, inv_t, z, wts):
             return 0  # a null XLA_FFI_Error*: success
+        weights = _class_weights(wts)
         for i in range(rows):
-            if run_rows(x, out, targets, grad, scales, i, i + 1, param, inv_t, z):
+            if run_rows(x, out, targets, grad, scales, i, i + 1, param, inv_t, z, wts):
                 continue
             if kind == "normalise":
                 edge(x[i], numba.carray(_address(out), (rows, n), element)[i])
@@ -583,7 +669,11 @@ def _handler(kernel: Any, element: Any, kind: str) -> Any:
                 else:
                     g = np.empty(0, element)
                     scale = np.float32(1.0)
-                loss[i] = _edge_cross_entropy(x[i : i + 1], t, param, inv_t, z, g, scale)
+                if weights.shape[0] > 0:
+                    w = weights[i // (rows // weights.shape[0])]
+                else:
+                    w = np.empty(0, np.float32)
+                loss[i] = _edge_cross_entropy(x[i : i + 1], t, w, param, inv_t, z, g, scale)
         return 0
 
     return handler
@@ -712,7 +802,7 @@ def _jax_functions() -> Any:
     # A cross-entropy's options, a static argument: opts = (label smoothing, 1 /
     # temperature, z-loss)
 
-    def ce_on_cpu(opts: tuple, with_grad: bool, x: Any, t: Any, *scales: Any) -> Any:
+    def ce_on_cpu(opts: tuple, with_grad: bool, x: Any, t: Any, w: Any, *scales: Any) -> Any:
         loss = jax.ShapeDtypeStruct(x.shape[:-1], jnp.float32)
         results = (loss, jax.ShapeDtypeStruct(x.shape, x.dtype)) if with_grad else loss
         call = jax.ffi.ffi_call(
@@ -720,7 +810,8 @@ def _jax_functions() -> Any:
             results,
             vmap_method="broadcast_all",
         )
-        return call(x, t, *scales, jnp.asarray(np.array(opts, np.float64).view(np.uint32)))
+        params = jnp.asarray(np.array(opts, np.float64).view(np.uint32))
+        return call(x, t, w, *scales, params)
 
     def ce_parts(opts: tuple, cpu_only: bool, x: Any) -> tuple[Any, Any, Any, Any]:
         """``(p, 2 z L, 2 z, dead)``: the softmax of ``x / T`` (float32), twice the
@@ -737,17 +828,51 @@ def _jax_functions() -> Any:
         finite = jnp.isfinite(lse)
         return p, jnp.where(finite, 2.0 * z * lse, 0.0), jnp.where(finite, 2.0 * z, 0.0), dead
 
-    def ce_gradient(opts: tuple, cpu_only: bool, x: Any, t: Any) -> Any:
-        # (p (1 + 2 z L) - e / C - (1 - e) onehot(t)) / T, 0 for a sample of target -1;
-        # in an all -inf row (p = 0) -(1 - e) onehot(t) / T, as the generic kernels give
+    def class_weights(t: Any, w: Any, n: int) -> tuple[Any, Any, Any]:
+        """``(w[t], sum(w), w)`` per sample (``w`` broadcast to the rows), all 1, ``n``
+        and 1 for no class weights (an empty ``w``)."""
+        if w.shape[-1] == 0:
+            return 1.0, float(n), 1.0
+        wt = jnp.take_along_axis(w, jnp.maximum(t, 0)[..., None], axis=-1)
+        return wt, jnp.sum(w, axis=-1, keepdims=True), w
+
+    def ce_gradient(opts: tuple, cpu_only: bool, x: Any, t: Any, w: Any) -> Any:
+        # ((a + 2 z L) p - e w / C - (1 - e) w[t] onehot(t)) / T, a = (1 - e) w[t] + e
+        # sum(w) / C, 0 for a sample of target -1; in an all -inf row (p = 0) -(1 - e)
+        # w[t] onehot(t) / T, as the generic kernels give
         eps, inv_t, _ = opts
         p, zl, _, dead = ce_parts(opts, cpu_only, x)
         n = x.shape[-1]
+        wb = jnp.broadcast_to(w, (*t.shape, n)) if w.shape[-1] else w
+        wt, wsum, wc = class_weights(t, wb, n)
         onehot = jnp.arange(n) == t[..., None]
-        g = p * (1.0 + zl) - jnp.where(dead, 0.0, eps / n) - jnp.where(onehot, 1.0 - eps, 0.0)
+        a = (1.0 - eps) * wt + eps * wsum / n
+        spread = jnp.where(dead, 0.0, eps * wc / n)
+        g = p * (a + zl) - spread - jnp.where(onehot, (1.0 - eps) * wt, 0.0)
         return jnp.where(t[..., None] < 0, 0.0, g * inv_t)
 
-    def ce_generic(opts: tuple, with_grad: bool, x: Any, t: Any, *scales: Any) -> Any:
+    def weight_tangent(opts: tuple, cpu_only: bool, x: Any, t: Any, w: Any, dw: Any) -> Any:
+        """The derivative of each sample's loss along the class weights' tangent
+        ``dw``: ``(1 - e) dw[t] (-lp[t]) + e / C sum_c dw[c] (-lp[c])``, a class of
+        weight 0 contributing 0 (the generic kernels' ``w * where(w == 0, 0, -lp)``)."""
+        eps = opts[0]
+        n = x.shape[-1]
+        lp = value("log_softmax", x.ndim - 1, 1.0 / opts[1], cpu_only, x.astype(jnp.float32))
+        wb = jnp.broadcast_to(w, (*t.shape, n))
+        dwb = jnp.broadcast_to(dw, (*t.shape, n)).astype(jnp.float32)
+        # (0 in ignored rows before any product: a cotangent 0 times a -lp of +inf
+        # would be NaN in reverse mode; the target's terms picked before the product,
+        # for the same reason at the other classes)
+        nlp = jnp.where((wb == 0) | (t[..., None] < 0), 0.0, -lp)
+        pick = jnp.maximum(t, 0)[..., None]
+        d = (1.0 - eps) * (
+            jnp.take_along_axis(dwb, pick, axis=-1) * jnp.take_along_axis(nlp, pick, axis=-1)
+        )[..., 0]
+        if eps:
+            d = d + (eps / n) * jnp.sum(dwb * nlp, axis=-1)
+        return jnp.where(t < 0, 0.0, d)
+
+    def ce_generic(opts: tuple, with_grad: bool, x: Any, t: Any, w: Any, *scales: Any) -> Any:
         # the generic kernel itself on the targets as prepared (-1: contributes 0),
         # in the computing dtype the facade would choose (the facade would come back
         # to the fast paths)
@@ -758,7 +883,7 @@ def _jax_functions() -> Any:
             t,
             axis=x.ndim - 1,
             soft=False,
-            weight=None,
+            weight=w.astype(work) if w.shape[-1] else None,
             ignore_index=-1,
             reduction="none",
             label_smoothing=opts[0],
@@ -771,62 +896,75 @@ def _jax_functions() -> Any:
         loss = loss.astype(jnp.float32)
         if not with_grad:
             return loss
-        g = scales[0][..., None] * ce_gradient(opts, False, x, t)
+        g = scales[0][..., None] * ce_gradient(opts, False, x, t, w)
         return loss, g.astype(x.dtype)
 
-    def ce_call(opts: tuple, with_grad: bool, cpu_only: bool, x: Any, t: Any, *scales: Any) -> Any:
+    def ce_call(
+        opts: tuple, with_grad: bool, cpu_only: bool, x: Any, t: Any, w: Any, *scales: Any
+    ) -> Any:
         if cpu_only:
-            return ce_on_cpu(opts, with_grad, x, t, *scales)
+            return ce_on_cpu(opts, with_grad, x, t, w, *scales)
         return lax.platform_dependent(
             x,
             t,
+            w,
             *scales,
             cpu=functools.partial(ce_on_cpu, opts, with_grad),
             default=functools.partial(ce_generic, opts, with_grad),
         )
 
     @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
-    def ce_rows(opts: tuple, cpu_only: bool, x: Any, t: Any) -> Any:
-        """The unweighted per-sample loss (float32), classes on the last axis; 0 where
-        ``t`` is -1."""
-        return ce_call(opts, False, cpu_only, x, t)
+    def ce_rows(opts: tuple, cpu_only: bool, x: Any, t: Any, w: Any) -> Any:
+        """The per-sample loss (float32), classes on the last axis, with the class
+        weights ``w`` (float32; none for an empty ``w``); 0 where ``t`` is -1."""
+        return ce_call(opts, False, cpu_only, x, t, w)
 
     @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
-    def ce_total(opts: tuple, cpu_only: bool, x: Any, t: Any, s: Any) -> Any:
-        """``sum(s * ce_rows(x, t))``, float32: a reduced loss, with the reduction's
+    def ce_total(opts: tuple, cpu_only: bool, x: Any, t: Any, w: Any, s: Any) -> Any:
+        """``sum(s * ce_rows(x, t, w))``, float32: a reduced loss, with the reduction's
         factor of each sample in ``s`` (float32, like ``t``)."""
-        return jnp.sum(s * ce_rows(opts, cpu_only, x, t))
+        return jnp.sum(s * ce_rows(opts, cpu_only, x, t, w))
 
     @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
-    def ce_rows_and_gradient(opts: tuple, cpu_only: bool, x: Any, t: Any, s: Any) -> Any:
+    def ce_rows_and_gradient(opts: tuple, cpu_only: bool, x: Any, t: Any, w: Any, s: Any) -> Any:
         """``(loss, G)``: the loss of :func:`ce_rows` and ``s`` times its gradient (in
         ``x``'s dtype), from one pass of the kernel over the logits."""
-        return ce_call(opts, True, cpu_only, x, t, s)
+        return ce_call(opts, True, cpu_only, x, t, w, s)
 
     def tangent(g: Any, dx: Any) -> Any:
         """``sum(g dx)`` over the classes, in float32."""
         return jnp.sum(g.astype(jnp.float32) * dx.astype(jnp.float32), axis=-1)
 
-    @ce_rows.defjvp
+    def zero(tan: Any) -> bool:
+        return isinstance(tan, jax.custom_derivatives.SymbolicZero)
+
     def ce_rows_jvp(opts: tuple, cpu_only: bool, primals: Any, tangents: Any) -> tuple[Any, Any]:
-        x, t = primals
+        x, t, w = primals
+        dx, _, dw = tangents
         ones = jnp.ones(t.shape, jnp.float32)
-        loss, g = ce_rows_and_gradient(opts, cpu_only, x, t, ones)
-        return loss, tangent(g, tangents[0])
+        loss, g = ce_rows_and_gradient(opts, cpu_only, x, t, w, ones)
+        out = jnp.zeros(loss.shape, jnp.float32) if zero(dx) else tangent(g, dx)
+        if not zero(dw) and w.shape[-1]:
+            out = out + weight_tangent(opts, cpu_only, x, t, w, dw)
+        return loss, out
+
+    ce_rows.defjvp(ce_rows_jvp, symbolic_zeros=True)
 
     def ce_total_jvp(opts: tuple, cpu_only: bool, primals: Any, tangents: Any) -> tuple[Any, Any]:
         # the reduction's factors are in the kernel's gradient: its transpose is then
         # the upstream gradient times that array, which XLA drops for the 1 that
         # jax.grad starts from (no second pass over the gradient). Symbolic zeros:
         # a constant s has no term ds * loss, which is NaN for a loss of +inf
-        x, t, s = primals
-        dx, _, ds = tangents
-        loss, g = ce_rows_and_gradient(opts, cpu_only, x, t, s)
+        x, t, w, s = primals
+        dx, _, dw, ds = tangents
+        loss, g = ce_rows_and_gradient(opts, cpu_only, x, t, w, s)
         terms = []
-        if not isinstance(dx, jax.custom_derivatives.SymbolicZero):
+        if not zero(dx):
             terms.append(jnp.sum(tangent(g, dx)))
-        if not isinstance(ds, jax.custom_derivatives.SymbolicZero):
+        if not zero(ds):
             terms.append(jnp.sum(ds * loss))
+        if not zero(dw) and w.shape[-1]:
+            terms.append(jnp.sum(s * weight_tangent(opts, cpu_only, x, t, w, dw)))
         return jnp.sum(s * loss), sum(terms[1:], terms[0]) if terms else jnp.float32(0)
 
     ce_total.defjvp(ce_total_jvp, symbolic_zeros=True)
@@ -837,20 +975,38 @@ def _jax_functions() -> Any:
     ) -> tuple[Any, Any]:
         # the gradient moves with p and L, whose derivatives are the softmax's and
         # the logsumexp's: in a row that counts and is not all -inf, with u = dx / T,
-        # dp = p (u - sum(p u)), dL = sum(p u), and dg = ((1 + 2 z L) dp + 2 z dL p) / T;
-        # G = s g
-        inv_t = opts[1]
-        x, t, s = primals
-        dx, _, ds = tangents
+        # dp = p (u - sum(p u)), dL = sum(p u), and along dx dg = ((a + 2 z L) dp + 2 z
+        # dL p) / T; along the class weights' dw, dg = (da p - e dw / C - (1 - e) dw[t]
+        # onehot(t)) / T (no spread in an all -inf row); G = s g
+        eps, inv_t, _ = opts
+        x, t, w, s = primals
+        dx, _, dw, ds = tangents
+        n = x.shape[-1]
         u = dx.astype(jnp.float32) * inv_t
-        loss, big_g = ce_rows_and_gradient(opts, cpu_only, x, t, s)
-        g = ce_gradient(opts, cpu_only, x, t)
+        loss, big_g = ce_rows_and_gradient(opts, cpu_only, x, t, w, s)
+        g = ce_gradient(opts, cpu_only, x, t, w)
         p, zl, zon, dead = ce_parts(opts, cpu_only, x)
+        wb = jnp.broadcast_to(w, (*t.shape, n)) if w.shape[-1] else w
+        wt, wsum, _ = class_weights(t, wb, n)
+        a = (1.0 - eps) * wt + eps * wsum / n
         still = (t[..., None] < 0) | dead
         dl = jnp.sum(p * u, axis=-1, keepdims=True)
-        dg = ((1.0 + zl) * p * (u - dl) + zon * dl * p) * inv_t
-        d_big_g = ds[..., None] * g + s[..., None] * jnp.where(still, 0.0, dg)
-        return (loss, big_g), (tangent(g, dx), d_big_g.astype(big_g.dtype))
+        dg = jnp.where(still, 0.0, ((a + zl) * p * (u - dl) + zon * dl * p) * inv_t)
+        dloss = tangent(g, dx)
+        if w.shape[-1]:
+            # (a class of weight 0 has no derivative along its weight: the generic
+            # kernels' w * where(w == 0, 0, -lp))
+            dwb = jnp.broadcast_to(dw, (*t.shape, n)).astype(jnp.float32)
+            dwb = jnp.where(wb == 0, 0.0, dwb)
+            dwt, dwsum, _ = class_weights(t, dwb, n)
+            onehot = jnp.arange(n) == t[..., None]
+            spread = jnp.where(dead, 0.0, eps * dwb / n)
+            da = (1.0 - eps) * dwt + eps * dwsum / n
+            dg_w = (da * p - spread - jnp.where(onehot, (1.0 - eps) * dwt, 0.0)) * inv_t
+            dg = dg + jnp.where(t[..., None] < 0, 0.0, dg_w)
+            dloss = dloss + weight_tangent(opts, cpu_only, x, t, w, dw)
+        d_big_g = ds[..., None] * g + s[..., None] * dg
+        return (loss, big_g), (dloss, d_big_g.astype(big_g.dtype))
 
     @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
     def ce_entry(
@@ -870,24 +1026,33 @@ def _jax_functions() -> Any:
         # take the generic path, which raises)
         bad = ~ignored & ((target < 0) | (target >= n))
         t = jnp.where(ignored | bad, -1, target).astype(jnp.int32)
+        no_weights = jnp.zeros((0,), jnp.float32)
+        # class weights go into the kernel with smoothing or the z-loss (not factors
+        # of the whole loss then); else they are each sample's factor
+        inside = weight is not None and (opts[0] > 0 or opts[2] > 0)
+        w = weight.astype(jnp.float32) if inside else no_weights
         if weight is None:
             counted = jnp.where(ignored, 0.0, 1.0)
         else:
             counted = jnp.where(t < 0, 0.0, weight.astype(jnp.float32)[jnp.maximum(t, 0)])
-            # a class of weight 0 contributes 0, even where its loss is +inf
-            t = jnp.where(counted == 0, -1, t)
+            if not inside:
+                # a class of weight 0 contributes 0, even where its loss is +inf
+                t = jnp.where(counted == 0, -1, t)
         nan = jnp.where(bad, jnp.nan, 0.0)
         if reduction == "none":
-            loss = ce_rows(opts, cpu_only, xm, t)
-            loss = loss if weight is None else counted * loss
+            loss = ce_rows(opts, cpu_only, xm, t, w)
+            loss = loss if weight is None or inside else counted * loss
             return (loss + nan).astype(x.dtype)
+        # the reduction's factors: the weight of each sample (unless inside the loss),
+        # over their total for a mean (over no kept sample 0, with a zero gradient:
+        # SPEC §4)
+        factors = jnp.where(t < 0, 0.0, 1.0) if inside else counted
         if reduction == "mean":
-            # a mean over no kept sample is 0, with a zero gradient (SPEC §4)
             count = jnp.sum(counted)
-            counted = counted / jnp.where(count == 0, 1.0, count)
+            factors = factors / jnp.where(count == 0, 1.0, count)
         # (the kernel reads the factors as float32: with jax_enable_x64 they were not)
-        total = ce_total(opts, cpu_only, xm, t, counted.astype(jnp.float32)) + jnp.sum(nan)
-        return total.astype(x.dtype)
+        total = ce_total(opts, cpu_only, xm, t, w, factors.astype(jnp.float32))
+        return (total + jnp.sum(nan)).astype(x.dtype)
 
     return entry, ce_entry
 
@@ -944,16 +1109,15 @@ def cross_entropy(
 ) -> Any:
     """Hard-target cross-entropy of the JAX array ``x / temperature`` (classes along
     ``axis``, an index) against integer ``target`` of its sample shape, with the
-    z-loss ``z_loss``, or None where the kernels do not apply: class weights with label
-    smoothing or the z-loss (the kernel's smoothing term and z-loss are unweighted,
-    and the weight of a sample multiplies its whole loss here), or an eager call with
-    a target out of range (the generic path raises). The kernel gives each sample's
-    unweighted loss; weights, the ignored samples and the reduction are applied
-    here."""
+    z-loss ``z_loss``, or None where the kernels do not apply: an eager call with a
+    target out of range (the generic path raises). The kernel gives each sample's
+    loss, with the class weights inside it where there is label smoothing or a z-loss
+    (elsewhere the weight of a sample is a factor of its whole loss, applied here with
+    the ignored samples and the reduction)."""
     import jax
 
     cpu = _cpu_only(x)
-    if cpu is False or (weight is not None and (smoothing > 0 or z_loss > 0)):
+    if cpu is False:
         return None
     if not isinstance(target, jax.core.Tracer):
         # (in NumPy: under a trace, jnp would stage this check on a captured target)
