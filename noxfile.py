@@ -31,7 +31,7 @@ BACKENDS = ["numpy", "array_api_strict", "torch", "jax", "dask"]
 # kernels stay tested on them as well
 SESSIONS = [*BACKENDS, "numpy-generic", "torch-generic", "jax-generic"]
 # What each backend's session installs besides the package with its `test` extra
-# (pytest, mpmath, hypothesis, scipy). Versions come from pyproject's extras.
+# (pytest, pytest-timeout, mpmath, hypothesis, scipy). Versions come from pyproject's extras.
 BACKEND_INSTALL = {
     "numpy": [".[test]"],
     "array_api_strict": [".[test,strict]"],
@@ -40,6 +40,10 @@ BACKEND_INSTALL = {
     "dask": [".[test,dask]"],
 }
 LINTED = ["stablemath", "tests", "benchmarks", "noxfile.py"]
+# A test that hangs (a native kernel that spins never returns to Python, so only a
+# watchdog thread can stop it) fails its session after this long instead of running
+# into CI's limit; the slowest test takes well under a minute
+TIMEOUT = ["--timeout=600", "--timeout-method=thread"]
 
 
 @nox.session
@@ -61,7 +65,7 @@ def tests(session: nox.Session, backend: str) -> None:
         if backend == "numpy":
             # (modules needing an optional dependency, e.g. Triton, are skipped)
             args += ["--doctest-modules", "--doctest-ignore-import-errors", "stablemath", "tests"]
-    session.run("pytest", *args, env={"STABLEMATH_BACKEND": backend, **env})
+    session.run("pytest", *TIMEOUT, *args, env={"STABLEMATH_BACKEND": backend, **env})
 
 
 @nox.session
@@ -73,6 +77,7 @@ def tests_triton(session: nox.Session) -> None:
     session.run(
         "pytest",
         "tests/test_triton.py",
+        *TIMEOUT,
         *args,
         env={"TRITON_INTERPRET": "1", "STABLEMATH_BACKEND": "torch"},
     )

@@ -14,7 +14,10 @@ the common case in which those precautions are provably idle, and nothing else:
   last two it used to take the generic path: 4096x1000 float32, median of 9, NumPy
   48 ms -> 2.0 with ``z_loss=1e-4`` and 56 -> 2.0 with ``temperature=2``, torch 56 ->
   1.7 and 67 -> 1.7 (``F.cross_entropy`` without them 1.4), JAX under jit 14 -> 1.9
-  and 15 -> 1.9, with ``jax.grad`` 20 -> 2.2 and 23 -> 2.2 (without them 1.7 and 2.1);
+  and 15 -> 1.9, with ``jax.grad`` 20 -> 2.2 and 23 -> 2.2 (without them 1.7 and 2.1).
+  JAX's class weights with smoothing or the z-loss joined them later (the weights
+  inside the kernel): 24 -> 2.1 ms and 15 -> 1.8 under jit, 20 -> 2.4 and 21 -> 2.1
+  with ``jax.grad`` (weights alone 1.8 and 2.0);
 * one axis, no ``where`` mask (except cross-entropy's per-sample mask, whose False
   samples become ``ignore_index`` ones: 82 ms -> 2.3 ms for NumPy 4096x1000 float32,
   93 -> 1.9 torch, 110 -> 4.2 torch forward+backward, 18 -> 2.5 JAX under jit and 28 ->

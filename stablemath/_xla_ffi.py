@@ -32,19 +32,22 @@ How:
   (``-(1 - e) onehot(t)`` in an all ``-inf`` row). In a ``+inf`` slice ``p`` is
   ``1/k`` at its ``k`` infinite entries, which makes these the limits the generic
   kernels give (SPEC §3);
-* cross-entropy: the kernel gives each sample's unweighted loss (with label
-  smoothing ``e``) in one pass over the logits, and under differentiation its
-  gradient in the same pass (a second target; a ``custom_jvp`` of the pair gives the
-  gradient's own derivative, through the softmax's); class weights (without smoothing),
-  ``ignore_index``, targets out of range (NaN, SPEC §4) and the reduction are applied
-  in JAX on those per-sample values. A mean or a sum is ``sum(s * loss)`` with the
-  factors ``s`` (``w[t] / count``) passed to the gradient target, which writes ``s``
-  times the gradient in the logits' dtype: the reverse-mode gradient is then that
-  array itself, without a second pass of XLA scaling it by the factors (and by the
-  upstream gradient, which is a constant 1 under ``jax.grad``: XLA drops the
+* cross-entropy: the kernel gives each sample's loss (of the logits over the
+  ``temperature``, with label smoothing ``e`` and the ``z_loss``) in one pass over the
+  logits, and under differentiation its gradient in the same pass (a second target;
+  a ``custom_jvp`` of the pair gives the gradient's own derivative, through the
+  softmax's). Class weights go into the kernel where there is smoothing or a z-loss
+  (a float32 operand, one row of them per vmapped call: :func:`_weighted_rows`), and
+  their tangent is a term of the ``custom_jvp``; without either term the weight of a
+  sample is a factor of its whole loss, applied in JAX like ``ignore_index``, targets
+  out of range (NaN, SPEC §4) and the reduction. A mean or a sum is ``sum(s * loss)``
+  with the factors ``s`` (``w[t] / count``) passed to the gradient target, which
+  writes ``s`` times the gradient in the logits' dtype: the reverse-mode gradient is
+  then that array itself, without a second pass of XLA scaling it by the factors (and
+  by the upstream gradient, which is a constant 1 under ``jax.grad``: XLA drops the
   product). A per-sample ``where`` arrives as ``ignore_index`` targets
-  (:mod:`stablemath._fastpaths`). Weights with smoothing, ``temperature``,
-  ``softcap``, ``z_loss`` and soft targets take the generic kernels;
+  (:mod:`stablemath._fastpaths`). ``softcap`` and soft targets take the generic
+  kernels;
 * only where XLA compiles for one CPU device: arrays on a CPU device, or, for traced
   arrays in a process that also has accelerators, ``lax.platform_dependent`` (the
   generic kernels for every other platform); not for arrays sharded over several
@@ -266,7 +269,7 @@ _NEXT, _REFUSED, _ACTIVE, _REFS, _STEP, _JOB_ROWS, _JOB_N, _JOB_X, _JOB_OUT, _PA
 # and, for a cross-entropy with its gradient, those of the gradient and of its factors;
 # a cross-entropy's 1 / temperature and z-loss (float64)
 _TARGETS_AT, _GRAD_AT, _SCALES_AT, _INV_T, _Z = 10, 11, 12, 13, 14
-# and the address of its class weights' description (:func:`_weighted_rows`), or 0
+# and the address of XLA's descriptor of its class weights (:func:`_class_weights`), or 0
 _WEIGHTS_AT = 15
 _JOB_WORDS = 16
 
@@ -305,13 +308,18 @@ def _release(job: int) -> None:
 
 @numba.njit(cache=True)
 def _class_weights(wts: int) -> Any:
-    """The class weights described at ``wts``: three int64 words, the address of a
-    float32 array of ``(w_rows, C)`` and those two numbers (``C = 0``: no weights); a
-    2-d array of no rows where ``wts`` is 0."""
+    """The class weights of a cross-entropy: ``wts`` is the address of XLA's own
+    descriptor of the float32 weights operand (an XLA_FFI_Buffer, alive until the
+    call returns), ``(w_rows, C)`` once its leading dimensions are flattened; a 2-d
+    array of no rows where ``wts`` is 0 (no weights).
+
+    (Not an array of this module's making: Numba frees an array after its last use in
+    the function that made it, and an address taken from it dangles.)"""
     if wts == 0:
         return numba.carray(_address(0), (0, 0), np.float32)
-    info = numba.carray(_address(wts), (3,), np.int64)
-    return numba.carray(_address(info[0]), (info[1], info[2]), np.float32)
+    buffer = numba.carray(_address(wts), (6,), np.int64)
+    w_rows, n = _rows(buffer)
+    return numba.carray(_address(buffer[_DATA]), (w_rows, n), np.float32)
 
 
 def _weighted_rows(kernel: Any) -> Any:
@@ -341,6 +349,8 @@ def _weighted_rows(kernel: Any) -> Any:
             none = np.empty(0, np.float32)
             return kernel(x, loss, r0, r1, target, none, -1, smoothing, inv_t, z, grad, factor)
         per = x.shape[0] // weights.shape[0]
+        if per * weights.shape[0] != x.shape[0]:
+            return False  # (not a vmapped block structure: never the case from JAX)
         r = r0
         while r < r1:
             block = r // per
@@ -355,12 +365,13 @@ def _weighted_rows(kernel: Any) -> Any:
 
 
 def _rows_runner(kernel: Any, element: Any, kind: str) -> Any:
-    """``run_rows(x, out, targets, grad, scales, r0, r1, param, inv_t, z)``: ``kernel`` on the
-    rows ``[r0, r1)`` of ``x``, its output at address ``out`` (and the int32 targets of
-    a cross-entropy at ``targets``, -1 for a sample that contributes 0); False where it
-    refuses one. ``kind``: "normalise" (``out`` like ``x``), "reduce" (one float32 a
-    row, the logsumexp), "cross_entropy" (one float32 loss a row, unweighted, with
-    smoothing ``param``, of the logits times ``inv_t``, with the z-loss ``z``),
+    """``run_rows(x, out, targets, grad, scales, r0, r1, param, inv_t, z, wts)``:
+    ``kernel`` on the rows ``[r0, r1)`` of ``x``, its output at address ``out`` (and
+    the int32 targets of a cross-entropy at ``targets``, -1 for a sample that
+    contributes 0); False where it refuses one. ``kind``: "normalise" (``out`` like
+    ``x``), "reduce" (one float32 a row, the logsumexp), "cross_entropy" (one float32
+    loss a row, with smoothing ``param``, of the logits times ``inv_t``, with the
+    z-loss ``z``),
     "cross_entropy_grad" (that, and at address ``grad`` the
     gradient of each loss times its float32 factor at ``scales``, in ``x``'s dtype);
     a cross-entropy's class weights are described at ``wts`` (0: none), see
@@ -633,14 +644,13 @@ def _handler(kernel: Any, element: Any, kind: str) -> Any:
             return 0
         xb = _buffer(frame[_ARGS], 0)
         targets = _buffer(frame[_ARGS], 1)[_DATA] if cross_entropy else 0
-        # a cross-entropy's class weights (float32, no classes: none), described for
-        # _class_weights in three words that live until the call returns
-        info = np.zeros(3, np.int64)
+        # a cross-entropy's class weights (float32; none where they have no classes):
+        # the address of their buffer's descriptor, for _class_weights
+        wts = 0
         if cross_entropy:
-            wb = _buffer(frame[_ARGS], 2)
-            info[1], info[2] = _rows(wb)
-            info[0] = wb[_DATA]
-        wts = info.ctypes.data if info[2] > 0 else 0
+            wts = numba.carray(_address(frame[_ARGS]), (3,), np.int64)[2]
+            if _rows(_buffer(frame[_ARGS], 2))[1] == 0:
+                wts = 0
         scales = _buffer(frame[_ARGS], 3)[_DATA] if with_grad else 0
         pb = _buffer(frame[_ARGS], 4 if with_grad else 3 if cross_entropy else 1)
         out = _buffer(frame[_RETS], 0)[_DATA]

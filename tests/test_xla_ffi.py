@@ -449,6 +449,56 @@ def test_cross_entropy_large_and_vmapped(jax, monkeypatch):
         _close(fast[3], generic[3], "float32")
 
 
+@pytest.mark.parametrize("rows", [6, 60000], ids=["one-thread", "pool"])
+def test_cross_entropy_class_weights_after_refused_rows(jax, rows, monkeypatch):
+    """Class weights inside the kernel, read again for the rows after one the kernel
+    refused (a -inf logit at a class of weight 0, with smoothing: its edge values);
+    once as one row of weights and once under vmap with a row of them per call: the
+    generic kernels' losses and gradients. (A dangling address of the weights made
+    the second row read freed memory and the call spin.)"""
+    import jax.numpy as jnp
+
+    # (three classes: the edge row's scratch is then as large as what the weights'
+    # address once pointed at, which it reused)
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((rows, 3)) * 5
+    x[::3, 1] = -INF
+    t = rng.integers(0, 3, rows)
+    w = rng.uniform(0.5, 2.0, (2, 3))
+    w[:, 1] = 0.0
+    xb, tb = jnp.asarray(x, dtype="float32"), jnp.asarray(t)
+    ws = jnp.asarray(w, dtype="float32")
+    kw = {"label_smoothing": 0.1, "reduction": "none"}
+
+    def run(generic):
+        if generic:
+            monkeypatch.setenv(_fastpaths.DISABLE_ENV, "1")
+        jax.clear_caches()
+        try:
+
+            def loss(a, b, wt):
+                return sm.cross_entropy(a, b, weight=wt, **kw)
+
+            def total(a, b, wt):
+                return jnp.sum(loss(a, b, wt))
+
+            one = jax.jit(jax.value_and_grad(total))(xb, tb, ws[0])
+            half = (2, rows // 2, 3)
+            each = jax.jit(jax.vmap(jax.value_and_grad(total)))(
+                xb.reshape(half), tb.reshape(half[:2]), ws
+            )
+            rowwise = jax.jit(loss)(xb, tb, ws[0])
+            found = (one[0], one[1], each[0], each[1], rowwise)
+            return [np.asarray(v, np.float64).reshape(-1) for v in found]
+        finally:
+            monkeypatch.delenv(_fastpaths.DISABLE_ENV, raising=False)
+
+    fast, generic = run(False), run(True)
+    assert np.isfinite(fast[4]).all()
+    for got, want in zip(fast, generic, strict=True):
+        np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize(
     "options",
     [
