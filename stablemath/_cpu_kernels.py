@@ -546,15 +546,139 @@ def _row_scale_impl(scale: Any, i: Any) -> Any:
     return the_same
 
 
+# tanh(u) = u + u**3 P(u**2) for |u| < _TANH_SMALL: its Taylor series to u**13, which
+# alternates; the first term left out, 1.46e-3 u**15, is below 7e-11 of the result
+_TANH_SMALL = 0.3
+_TANH_TAYLOR = (
+    -1.0 / 3.0,
+    2.0 / 15.0,
+    -17.0 / 315.0,
+    62.0 / 2835.0,
+    -1382.0 / 155925.0,
+    21844.0 / 6081075.0,
+)
+
+
 @numba.njit(fastmath=_EXACT, cache=True, error_model="numpy")
-def _gradient_into(g: Any, e: Any, f: float, b: float, weight: Any) -> None:
-    """``g[c] = f e[c] - b w[c]`` (``w = 1`` for an empty ``weight``), one rounding to
-    ``g``'s dtype. Not in a function with ``reassoc`` (see :func:`_scale_into`)."""
+def _tanh_slope(u: float) -> tuple[float, float]:
+    """``(tanh(u), 1 - tanh(u)**2)`` for float64 ``u``, each to a relative 1e-9 (``+-1``
+    and ``~1e-307`` at ``+-inf``; NaN and NaN at NaN), in operations that vectorise
+    (``math.tanh`` is a scalar libm call).
+
+    Beyond :data:`_TANH_SMALL`, with ``e = exp(-2|u|) <= 0.55``: ``tanh|u| = (1 - e) /
+    (1 + e)``, whose ``1 - e >= 0.45`` keeps the 2e-10 of :func:`_exp_nonpos`, and the
+    slope ``4 e / (1 + e)**2`` without the cancellation of ``1 - tanh**2`` near 1.
+    Below it, the Taylor series."""
+    a = abs(u)
+    e = _exp_nonpos(-2.0 * a)
+    q = a * a
+    c1, c2, c3, c4, c5, c6 = _TANH_TAYLOR
+    p = c6
+    p = p * q + c5
+    p = p * q + c4
+    p = p * q + c3
+    p = p * q + c2
+    p = p * q + c1
+    small = a + a * q * p
+    near = a < _TANH_SMALL
+    th = small if near else (1.0 - e) / (1.0 + e)
+    wide = 1.0 + e
+    slope = 1.0 - small * small if near else 4.0 * e / (wide * wide)
+    if u != u:
+        return u, u
+    return (th if u >= 0.0 else -th), slope
+
+
+@numba.njit(fastmath=_EXACT, cache=True, error_model="numpy")
+def _capped_into(y: Any, slope: Any, row: Any, cap: float) -> None:
+    """``y[j] = cap tanh(row[j] / cap)`` (float64), the soft-capped logits, and unless
+    ``slope`` is empty their derivative ``1 - tanh(row[j] / cap)**2`` into it."""
+    _wide_vectors()
+    with_slope = slope.shape[0] > 0
+    for j in range(y.shape[0]):
+        th, sl = _tanh_slope(np.float64(_real(row[j])) / cap)
+        y[j] = cap * th
+        if with_slope:
+            slope[j] = sl
+
+
+@numba.njit(fastmath=_EXACT, cache=True, error_model="numpy")
+def _gradient_into(g: Any, e: Any, f: float, b: float, weight: Any, slope: Any) -> None:
+    """``g[c] = (f e[c] - b w[c]) slope[c]`` (``w = 1`` for an empty ``weight``, no
+    ``slope`` factor for an empty one), one rounding to ``g``'s dtype. Not in a
+    function with ``reassoc`` (see :func:`_scale_into`)."""
     _wide_vectors()
     weighted = weight.shape[0] > 0
+    capped = slope.shape[0] > 0
     for c in range(g.shape[0]):
         wc = weight[c] if weighted else 1.0
-        _put(g, c, f * e[c] - b * wc)
+        v = f * e[c] - b * wc
+        _put(g, c, v * slope[c] if capped else v)
+
+
+@numba.njit(fastmath=_SUM, cache=True, error_model="numpy")
+def _row_cross_entropy(
+    row: Any,
+    t: int,
+    e: Any,
+    weight: Any,
+    wsum: float,
+    smoothing: float,
+    inv_t: float,
+    z: float,
+    grad: Any,
+    i: int,
+    sc: float,
+    slope: Any,
+) -> float:
+    """The loss of one row of logits ``row`` (float32, half precision bits, or the
+    float64 soft-capped ones) for :func:`cross_entropy_rows`, NaN where it refuses the
+    row; unless ``grad`` is empty, the gradient of ``sc`` times it into ``grad[i]``
+    (times ``slope``, the soft-cap's derivative, unless that is empty), with the row
+    buffer ``e``."""
+    _wide_vectors()
+    n = row.shape[0]
+    with_grad = grad.shape[0] > 0
+    if with_grad:
+        m = _row_max(row)
+        if not math.isfinite(m):
+            return math.nan
+        # (with the literal 1.0 the compiler drops the multiplications)
+        if inv_t == 1.0:
+            k, s = _counted_exps_into(e, row, m, 1.0)
+        else:
+            k, s = _counted_exps_into(e, row, m, inv_t)
+        total = math.log(k) + math.log1p(s / k)
+    elif inv_t == 1.0:
+        m, total = _row_stats(row, 1.0)
+    else:
+        m, total = _row_stats(row, inv_t)
+    loss = _row_loss(row, t, m, total, weight, smoothing, inv_t)
+    if loss != loss:
+        return math.nan
+    zl = 0.0  # the z-loss's 2 z L
+    if z > 0.0:
+        lse = m * inv_t + total
+        loss += z * lse * lse
+        zl = 2.0 * z * lse
+    # (finite logits give a finite loss and gradient, unless a huge inv_t makes
+    # them overflow float64: then the generic kernel decides)
+    if not math.isfinite(loss):
+        return math.nan
+    if with_grad:
+        weighted = weight.shape[0] > 0
+        w = weight[t] if weighted else 1.0
+        sc = sc * inv_t
+        a = (1.0 - smoothing) * w + smoothing * wsum / n + zl
+        f = sc * a / (k + s)
+        if not math.isfinite(f):
+            return math.nan
+        b = sc * smoothing / n
+        g = grad[i]
+        _gradient_into(g, e, f, b, weight, slope)
+        gt = (f * e[t] - b * w) - sc * (1.0 - smoothing) * w
+        _put(g, t, gt * slope[t] if slope.shape[0] > 0 else gt)
+    return loss
 
 
 @numba.njit(nogil=True, fastmath=_SUM, cache=True, error_model="numpy")
@@ -569,6 +693,7 @@ def cross_entropy_rows(
     smoothing: float,
     inv_t: float,
     z: float,
+    cap: float,
     grad: Any,
     scale: Any,
 ) -> bool:
@@ -581,22 +706,28 @@ def cross_entropy_rows(
     §3.5); with ``smoothing = eps`` it is PyTorch's ``(1 - eps) w[t] nll + eps / C
     sum_c w[c] (-log p_c)``; with ``z > 0`` plus the z-loss ``z L**2``, ``L = m inv_t
     + log(k) + log1p(s / k)`` the row's logsumexp (unweighted, as the generic kernel
-    has it). False for a row the generic kernel must decide: a NaN or a non-finite
-    maximum, a ``-inf`` logit at the target (or anywhere, with smoothing).
+    has it). With ``cap > 0`` the logits are first soft-capped, ``cap tanh(x / cap)``
+    (in float64, :func:`_tanh_slope`). False for a row the generic kernel must
+    decide: a NaN or a non-finite maximum, a ``-inf`` logit at the target (or
+    anywhere, with smoothing); with a cap, only a NaN.
 
     Unless ``grad`` is empty (shape ``(0, 0)``), the same pass over each row writes the
     gradient of ``scale`` times its loss (``scale`` a number, or an array of one a
     row): ``grad[i, c] = scale inv_t ((a + 2 z L) p_c - eps w_c / C - (1 - eps) w_t
     [c = t])`` with ``p = exp((x - m) inv_t) / (k + s)`` and ``a = (1 - eps) w_t + eps
-    sum(w) / C``, rounded once to ``grad``'s dtype (float32, or half-precision bits);
-    zero for an ignored row. The exponentials of the row are kept in a float64 row buffer for it: computing
-    them again took 1.2 times the time (4096x1000 and 256x32000 float32, one thread).
+    sum(w) / C``, times the cap's ``1 - tanh(x_c / cap)**2``, rounded once to
+    ``grad``'s dtype (float32, or half-precision bits); zero for an ignored row. The
+    exponentials of the row are kept in a float64 row buffer for it: computing them
+    again took 1.2 times the time (4096x1000 and 256x32000 float32, one thread).
     """
     _wide_vectors()
     n = x.shape[1]
     weighted = weight.shape[0] > 0
     with_grad = grad.shape[0] > 0
+    capped = cap > 0.0
     e = np.empty(n if with_grad else 0, dtype=np.float64)
+    y = np.empty(n if capped else 0, dtype=np.float64)
+    slope = np.empty(n if capped and with_grad else 0, dtype=np.float64)
     wsum = 0.0
     for c in range(n):
         wsum += weight[c] if weighted else 1.0
@@ -608,46 +739,19 @@ def cross_entropy_rows(
                 for c in range(n):
                     _put(grad[i], c, 0.0)
             continue
-        row = x[i]
-        if with_grad:
-            m = _row_max(row)
-            if not math.isfinite(m):
-                return False
-            # (with the literal 1.0 the compiler drops the multiplications)
-            if inv_t == 1.0:
-                k, s = _counted_exps_into(e, row, m, 1.0)
-            else:
-                k, s = _counted_exps_into(e, row, m, inv_t)
-            total = math.log(k) + math.log1p(s / k)
-        elif inv_t == 1.0:
-            m, total = _row_stats(row, 1.0)
+        sc = _row_scale(scale, i)
+        if capped:
+            _capped_into(y, slope, x[i], cap)
+            loss = _row_cross_entropy(
+                y, t, e, weight, wsum, smoothing, inv_t, z, grad, i, sc, slope
+            )
         else:
-            m, total = _row_stats(row, inv_t)
-        loss = _row_loss(row, t, m, total, weight, smoothing, inv_t)
+            loss = _row_cross_entropy(
+                x[i], t, e, weight, wsum, smoothing, inv_t, z, grad, i, sc, slope
+            )
         if loss != loss:
             return False
-        zl = 0.0  # the z-loss's 2 z L
-        if z > 0.0:
-            lse = m * inv_t + total
-            loss += z * lse * lse
-            zl = 2.0 * z * lse
-        # (finite logits give a finite loss and gradient, unless a huge inv_t makes
-        # them overflow float64: then the generic kernel decides)
-        if not math.isfinite(loss):
-            return False
         out[i] = loss
-        if with_grad:
-            w = weight[t] if weighted else 1.0
-            sc = _row_scale(scale, i) * inv_t
-            a = (1.0 - smoothing) * w + smoothing * wsum / n + zl
-            f = sc * a / (k + s)
-            if not math.isfinite(f):
-                return False
-            b = sc * smoothing / n
-            g = grad[i]
-            _gradient_into(g, e, f, b, weight)
-            gt = (f * e[t] - b * w) - sc * (1.0 - smoothing) * w
-            _put(g, t, gt)
     return True
 
 

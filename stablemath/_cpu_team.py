@@ -41,7 +41,7 @@ from . import _cpu_kernels as ck
 
 __all__ = ["available", "run_rows"]
 
-_SLOTS = 17  # int64 words of the argument block
+_SLOTS = 18  # int64 words of the argument block
 # block layout, all kernels: the counter's address (words 0 and 1: next row, failed),
 # rows per block, rows, row length, x, out; then each kernel's own
 _COUNTER, _STEP, _ROWS, _N, _X, _OUT = range(6)
@@ -132,8 +132,8 @@ def _logsumexp_block(a: Any, f: Any, x: Any, r0: int, r1: int) -> bool:
 
 
 # cross-entropy: words 6-12: target, weight and its length, ignore_index, grad and its
-# two dimensions; 13-16: smoothing, 1 / temperature, z-loss and scale (float64); out is
-# float64
+# two dimensions; 13-17: smoothing, 1 / temperature, z-loss, scale and soft-cap
+# (float64); out is float64
 @numba.njit(cache=True)
 def _cross_entropy_block(a: Any, f: Any, x: Any, r0: int, r1: int) -> bool:
     rows = a[_ROWS]
@@ -142,7 +142,7 @@ def _cross_entropy_block(a: Any, f: Any, x: Any, r0: int, r1: int) -> bool:
     weight = numba.carray(_address(a[7]), (a[8],), np.float64)
     grad = numba.carray(_address(a[10]), (a[11], a[12]), np.float32)
     return ck.cross_entropy_rows(
-        x, loss, r0, r1, target, weight, a[9], f[13], f[14], f[15], grad, f[16]
+        x, loss, r0, r1, target, weight, a[9], f[13], f[14], f[15], f[17], grad, f[16]
     )
 
 
@@ -210,7 +210,7 @@ def _block(kernel: Any, x: np.ndarray, out: np.ndarray, params: tuple[Any, ...])
         out.ctypes.data,
     )
     if kernel is ck.cross_entropy_rows:
-        target, weight, ignore_index, smoothing, inv_t, z, grad, scale = params
+        target, weight, ignore_index, smoothing, inv_t, z, cap, grad, scale = params
         a[6:13] = (
             target.ctypes.data,
             weight.ctypes.data,
@@ -219,7 +219,7 @@ def _block(kernel: Any, x: np.ndarray, out: np.ndarray, params: tuple[Any, ...])
             grad.ctypes.data,
             *grad.shape,
         )
-        f[13], f[14], f[15], f[16] = smoothing, inv_t, z, scale
+        f[13], f[14], f[15], f[16], f[17] = smoothing, inv_t, z, scale, cap
     else:
         a[6] = out.dtype == np.float64
         f[7] = params[0]

@@ -8,16 +8,20 @@ for every input (``+-inf`` maxima, masks, float64, traced arrays) and pay for it
 passes over the data: about twenty array operations for a softmax. This module covers
 the common case in which those precautions are provably idle, and nothing else:
 
-* cross-entropy with each of its options but ``softcap``: the kernel takes class
-  weights, ``ignore_index``, label smoothing, a ``temperature`` and the ``z_loss``
-  (NumPy, torch and JAX). With the
+* cross-entropy with each of its options: the kernel takes class weights,
+  ``ignore_index``, label smoothing, a ``temperature``, the ``z_loss`` (NumPy, torch
+  and JAX) and a ``softcap`` (NumPy and torch; JAX takes the generic kernels for it,
+  whose derivatives the FFI path's ``custom_jvp`` does not have). With the
   last two it used to take the generic path: 4096x1000 float32, median of 9, NumPy
   48 ms -> 2.0 with ``z_loss=1e-4`` and 56 -> 2.0 with ``temperature=2``, torch 56 ->
   1.7 and 67 -> 1.7 (``F.cross_entropy`` without them 1.4), JAX under jit 14 -> 1.9
   and 15 -> 1.9, with ``jax.grad`` 20 -> 2.2 and 23 -> 2.2 (without them 1.7 and 2.1).
   JAX's class weights with smoothing or the z-loss joined them later (the weights
   inside the kernel): 24 -> 2.1 ms and 15 -> 1.8 under jit, 20 -> 2.4 and 21 -> 2.1
-  with ``jax.grad`` (weights alone 1.8 and 2.0);
+  with ``jax.grad`` (weights alone 1.8 and 2.0). A ``softcap`` went the same way
+  (``softcap=30``, logits of scale 10): NumPy 86 -> 5.0 ms, torch 83 -> 4.3 and
+  forward+backward 124 -> 7.7, where ``F.cross_entropy(30 * torch.tanh(x / 30), t)``
+  takes 3.8-4.3 and 12 (the cap in float64 with the kernels' own vectorised tanh);
 * one axis, no ``where`` mask (except cross-entropy's per-sample mask, whose False
   samples become ``ignore_index`` ones: 82 ms -> 2.3 ms for NumPy 4096x1000 float32,
   93 -> 1.9 torch, 110 -> 4.2 torch forward+backward, 18 -> 2.5 JAX under jit and 28 ->
@@ -25,9 +29,10 @@ the common case in which those precautions are provably idle, and nothing else:
 * a NumPy array, or a torch tensor on the CPU that is not being traced by
   ``torch.compile`` or batched by ``torch.func.vmap`` (the checks read values), of
   float16, bfloat16 or float32;
-* every slice has a finite maximum ``m`` and no NaN (checked on the way). Otherwise the
-  function returns None and the facade runs the generic kernel, which gives the SPEC §3
-  values for ``+-inf`` and NaN slices.
+* every slice has a finite maximum ``m`` and no NaN (checked on the way; a soft-cap
+  makes every logit but NaN finite). Otherwise the function returns None and the
+  facade runs the generic kernel, which gives the SPEC §3 values for ``+-inf`` and
+  NaN slices.
 
 Two implementations, one arithmetic:
 
@@ -261,11 +266,13 @@ def _np_cross_entropy(
     smoothing: float,
     temperature: float = 1.0,
     z_loss: float = 0.0,
+    softcap: float = 0.0,
     grad_into: Any = None,
     run: Any = None,
 ) -> Any:
-    """Hard-target cross-entropy of ``x / temperature`` (with the z-loss ``z_loss``)
-    from the kernel's per-sample losses, reduced here in float64 and rounded once. With ``grad_into`` (``shape -> float32 array``) also its
+    """Hard-target cross-entropy of ``x / temperature`` (with the z-loss ``z_loss``,
+    of the logits soft-capped first where ``softcap`` is not 0) from the kernel's
+    per-sample losses, reduced here in float64 and rounded once. With ``grad_into`` (``shape -> float32 array``) also its
     gradient w.r.t. ``x`` for an upstream gradient of 1, computed in the same pass over
     the logits into ``grad_into(shape)``: then ``(loss, grad)``. None where the generic
     kernel decides (a row the kernel refuses, or a mean over no kept sample: SPEC §4's
@@ -284,7 +291,7 @@ def _np_cross_entropy(
     loss = np.empty(rows.shape[0])
     inv_t = 1.0 / temperature
     grad_rows = grad.reshape(-1, shape[-1])
-    args = (t, w, ignore_index, smoothing, inv_t, z_loss, grad_rows, 1.0 / denominator)
+    args = (t, w, ignore_index, smoothing, inv_t, z_loss, softcap, grad_rows, 1.0 / denominator)
     if not (run or compiled.run_rows)(compiled.cross_entropy_rows, rows, loss, *args):
         return None
     if reduction == "none":
@@ -487,6 +494,7 @@ def _torch_cross_entropy(
     smoothing: float,
     temperature: float = 1.0,
     z_loss: float = 0.0,
+    softcap: float = 0.0,
 ) -> Any:
     torch = sys.modules["torch"]
     if not target.is_cpu or (weight is not None and not weight.is_cpu):
@@ -500,7 +508,7 @@ def _torch_cross_entropy(
     # half precision logits are widened to float32 (exact) for the kernel; the loss
     # and the gradient are rounded to their dtype at the end (SPEC §3.4)
     if weight is None or w is not None:
-        args = (t, axis, w, ignore_index, reduction, smoothing, temperature, z_loss)
+        args = (t, axis, w, ignore_index, reduction, smoothing, temperature, z_loss, softcap)
         # the kernel reads half precision bits itself, except float16 where it cannot
         # (then widened by torch, recorded by autograd, which makes numpy_view refuse)
         wide = x.float() if _widened_by_torch(x) else x
@@ -531,6 +539,7 @@ def _torch_cross_entropy(
                     smoothing,
                     temperature,
                     z_loss,
+                    softcap,
                 )
 
             loss, grad = (torch.from_numpy(a) for a in both)
@@ -542,7 +551,7 @@ def _torch_cross_entropy(
     if _compiled().target_total(t, _NO_WEIGHT, ignore_index, x.shape[axis]) < 0:
         return None
     loss = _torch_ce_float64(
-        x, target, axis, weight, ignore_index, reduction, smoothing, temperature, z_loss
+        x, target, axis, weight, ignore_index, reduction, smoothing, temperature, z_loss, softcap
     )
     # torch's float64 loss is right to far below a float32 ulp where it is finite and
     # not tiny. Otherwise (an infinite or masked target logit, a +inf logit, all samples
@@ -567,14 +576,20 @@ def _torch_ce_float64(
     smoothing: float,
     temperature: float = 1.0,
     z_loss: float = 0.0,
+    softcap: float = 0.0,
 ) -> Any:
     """``torch.nn.functional.cross_entropy`` of ``x / temperature`` in float64, plus
     the z-loss ``z_loss * logsumexp**2`` of each sample that is not ignored (whose sum
-    a mean divides by the same total weight)."""
+    a mean divides by the same total weight); ``x`` soft-capped first, ``softcap *
+    tanh(x / softcap)``, where ``softcap`` is not 0."""
     torch = sys.modules["torch"]
     if x.ndim > 1 and axis != 1:
         x = torch.movedim(x, axis, 1)  # torch's class axis
-    x64 = x.double() if temperature == 1.0 else x.double() / temperature
+    x64 = x.double()
+    if softcap:
+        x64 = softcap * torch.tanh(x64 / softcap)
+    if temperature != 1.0:
+        x64 = x64 / temperature
     target = target.long()
     w64 = None if weight is None else weight.double()
     loss = torch.nn.functional.cross_entropy(
@@ -717,9 +732,10 @@ def cross_entropy(
     where: Any = None,
     temperature: float = 1.0,
     z_loss: float = 0.0,
+    softcap: float | None = None,
 ) -> Any:
-    """Cross-entropy with integer targets and the options torch has, a ``temperature``
-    and the ``z_loss``: the compiled
+    """Cross-entropy with integer targets and the options torch has, a ``temperature``,
+    the ``z_loss`` and a ``softcap`` (not for JAX): the compiled
     kernel for NumPy arrays and float32 tensors outside autodiff, torch's
     ``cross_entropy`` in float64 for other torch CPU tensors, the kernel as an XLA FFI
     call for JAX arrays (:func:`stablemath._xla_ffi.cross_entropy`); None where the generic
@@ -758,12 +774,15 @@ def cross_entropy(
         if target is None:
             return None
     if kind == "jax":
-        if x.size == 0:  # (no rows: nothing for XLA to call the kernel on)
+        if x.size == 0 or softcap is not None:
+            # (no rows: nothing for XLA to call the kernel on; the soft-cap is not in
+            # the FFI kernel's derivatives)
             return None
         return _xla().cross_entropy(
             x, target, axis, weight, ignore_index, reduction, label_smoothing, temperature, z_loss
         )
     impl = _np_cross_entropy if kind == "numpy" else _torch_cross_entropy
+    cap = 0.0 if softcap is None else softcap
     return impl(
-        x, target, axis, weight, ignore_index, reduction, label_smoothing, temperature, z_loss
+        x, target, axis, weight, ignore_index, reduction, label_smoothing, temperature, z_loss, cap
     )

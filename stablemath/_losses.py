@@ -229,7 +229,7 @@ def cross_entropy(
         msg = f"softcap must be None or a positive finite float, got {softcap!r}"
         raise ValueError(msg)
     t = check_temperature(temperature)
-    if softcap is None and type(axis) is int:
+    if type(axis) is int:
         # the fast paths first, before even the namespace (a batch of one paid 2 us for
         # it and the shapes): they check the arrays' types, dtypes and shapes and the
         # target values themselves, and give None for anything the generic path must
@@ -245,6 +245,7 @@ def cross_entropy(
             where=where,
             temperature=t,
             z_loss=float(z_loss),
+            softcap=None if softcap is None else float(softcap),
         )
         if fast is not None:
             return fast

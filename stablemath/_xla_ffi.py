@@ -347,7 +347,9 @@ def _weighted_rows(kernel: Any) -> Any:
         weights = _class_weights(wts)
         if weights.shape[0] == 0 or weights.shape[1] == 0:
             none = np.empty(0, np.float32)
-            return kernel(x, loss, r0, r1, target, none, -1, smoothing, inv_t, z, grad, factor)
+            return kernel(
+                x, loss, r0, r1, target, none, -1, smoothing, inv_t, z, 0.0, grad, factor
+            )
         per = x.shape[0] // weights.shape[0]
         if per * weights.shape[0] != x.shape[0]:
             return False  # (not a vmapped block structure: never the case from JAX)
@@ -356,7 +358,7 @@ def _weighted_rows(kernel: Any) -> Any:
             block = r // per
             end = min(r1, (block + 1) * per)
             w = weights[block]
-            if not kernel(x, loss, r, end, target, w, -1, smoothing, inv_t, z, grad, factor):
+            if not kernel(x, loss, r, end, target, w, -1, smoothing, inv_t, z, 0.0, grad, factor):
                 return False
             r = end
         return True

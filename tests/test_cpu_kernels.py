@@ -173,11 +173,13 @@ def test_cross_entropy_rows_split_over_threads(with_grad, monkeypatch):
         return loss, grad
 
     whole = run(
-        lambda lo, g: ck.cross_entropy_rows(x, lo, 0, 203, t, w, -100, 0.1, 0.8, 0.01, g, 0.5)
+        lambda lo, g: ck.cross_entropy_rows(x, lo, 0, 203, t, w, -100, 0.1, 0.8, 0.01, 0.0, g, 0.5)
     )
     monkeypatch.setattr(ck, "_threads", lambda: 3)
     split = run(
-        lambda lo, g: ck.run_rows(ck.cross_entropy_rows, x, lo, t, w, -100, 0.1, 0.8, 0.01, g, 0.5)
+        lambda lo, g: ck.run_rows(
+            ck.cross_entropy_rows, x, lo, t, w, -100, 0.1, 0.8, 0.01, 0.0, g, 0.5
+        )
     )
     for a, b in zip(whole, split, strict=True):
         np.testing.assert_array_equal(a, b)
@@ -202,6 +204,36 @@ def test_cross_entropy_rows_split_over_threads(with_grad, monkeypatch):
         np.testing.assert_allclose(grad.astype(np.float64).sum(axis=1), want_sum, atol=1e-6)
 
 
+def test_tanh_and_its_slope_against_mpmath():
+    """The soft-cap's tanh and ``1 - tanh**2`` (the kernels' own, which vectorise) to a
+    relative 1e-9 of 50-digit mpmath on both sides of the switch between the series
+    and the exponential form, out to where the slope is ~1e-300; the limits at
+    ``+-inf`` and NaN through."""
+    import mpmath
+    import numba
+
+    @numba.njit
+    def tanh_slope(u):
+        th, sl = np.empty_like(u), np.empty_like(u)
+        for j in range(u.shape[0]):
+            th[j], sl[j] = ck._tanh_slope(u[j])
+        return th, sl
+
+    tiny = np.geomspace(1e-12, 0.6, 400)
+    u = np.concatenate([tiny, -tiny, np.linspace(0.25, 0.35, 101), np.linspace(-300, 300, 601)])
+    th, sl = tanh_slope(u)
+    with mpmath.workdps(50):
+        want_th = np.array([float(mpmath.tanh(mpmath.mpf(v))) for v in u])
+        want_sl = np.array([float(mpmath.sech(mpmath.mpf(v)) ** 2) for v in u])
+    nonzero = want_th != 0
+    np.testing.assert_allclose(th[nonzero], want_th[nonzero], rtol=1e-9, atol=0)
+    assert np.all(th[~nonzero] == 0)
+    np.testing.assert_allclose(sl, want_sl, rtol=1e-9, atol=0)
+    th, sl = tanh_slope(np.array([np.inf, -np.inf, np.nan]))
+    assert th[0] == 1.0 and th[1] == -1.0 and np.isnan(th[2])
+    assert 0 < sl[0] < 1e-300 and 0 < sl[1] < 1e-300 and np.isnan(sl[2])
+
+
 def test_cross_entropy_gradient_factors_per_row_and_half_precision():
     """The gradient with one factor a row (the XLA FFI path's reduction factors)
     equals the gradient with that factor as the number, row by row; written as
@@ -217,17 +249,17 @@ def test_cross_entropy_gradient_factors_per_row_and_half_precision():
     loss = np.empty(37)
     per_row = np.empty(x.shape, np.float32)
     assert ck.cross_entropy_rows(
-        x, loss, 0, 37, t, no_weight, -100, 0.2, 1.0, 0.0, per_row, factors
+        x, loss, 0, 37, t, no_weight, -100, 0.2, 1.0, 0.0, 0.0, per_row, factors
     )
     one = np.empty((1, 300), np.float32)
     for i in range(37):
         f = float(factors[i])
         assert ck.cross_entropy_rows(
-            x, loss, i, i + 1, t, no_weight, -100, 0.2, 1.0, 0.0, one[:0], f
+            x, loss, i, i + 1, t, no_weight, -100, 0.2, 1.0, 0.0, 0.0, one[:0], f
         )
         whole = np.empty(x.shape, np.float32)
         assert ck.cross_entropy_rows(
-            x, loss, i, i + 1, t, no_weight, -100, 0.2, 1.0, 0.0, whole, f
+            x, loss, i, i + 1, t, no_weight, -100, 0.2, 1.0, 0.0, 0.0, whole, f
         )
         np.testing.assert_array_equal(per_row[i], whole[i])
     x64 = x.astype(np.float64)
@@ -242,11 +274,15 @@ def test_cross_entropy_gradient_factors_per_row_and_half_precision():
     as_bits = per_row.view(np.uint32).astype(np.uint64)
     bf16 = ((as_bits + 0x7FFF + ((as_bits >> 16) & 1)) >> 16).astype(np.uint16)
     g = np.empty(x.shape, np.uint16)
-    assert ck.cross_entropy_rows(x, loss, 0, 37, t, no_weight, -100, 0.2, 1.0, 0.0, g, factors)
+    assert ck.cross_entropy_rows(
+        x, loss, 0, 37, t, no_weight, -100, 0.2, 1.0, 0.0, 0.0, g, factors
+    )
     np.testing.assert_array_equal(g, bf16)
     if ck.FLOAT16_CONVERSIONS:
         g = np.empty(x.shape, np.int16)
-        assert ck.cross_entropy_rows(x, loss, 0, 37, t, no_weight, -100, 0.2, 1.0, 0.0, g, factors)
+        assert ck.cross_entropy_rows(
+            x, loss, 0, 37, t, no_weight, -100, 0.2, 1.0, 0.0, 0.0, g, factors
+        )
         np.testing.assert_array_equal(g.view(np.float16), per_row.astype(np.float16))
 
 
@@ -399,6 +435,7 @@ def test_the_kernels_ask_for_the_widest_vectors():
             0.0,
             1.0,
             0.0,
+            30.0,
             np.empty_like(x),
             1.0,
         ),

@@ -198,6 +198,31 @@ def test_cross_entropy_temperature_and_z_loss_on_the_kernel(
 
 
 @pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_cross_entropy_softcap_on_the_kernel(fb, reduction, generic_ce_calls, monkeypatch):
+    """A soft-cap runs on the compiled kernel (NumPy, torch outside autograd), with
+    the other options, and takes rows the uncapped kernel refuses (+-inf logits, an
+    all -inf row: the cap makes them +-softcap): the loss is the float64 definition
+    (tests/_reference.py) of ``softcap tanh(x / softcap) / T`` rounded once."""
+    monkeypatch.delenv(_fastpaths.DISABLE_ENV, raising=False)
+    rng = np.random.default_rng(8)
+    x = (rng.standard_normal((60, 11)) * 40).astype(np.float32)
+    x[1, 3], x[2, 0], x[3] = np.inf, -np.inf, -np.inf
+    t = rng.integers(0, 11, 60)
+    t[::6] = -100
+    t[2] = 0  # the target at -inf
+    w = rng.uniform(0.5, 2.0, 11).astype(np.float32)
+    kw = {"reduction": reduction, "label_smoothing": 0.1, "z_loss": 1e-3}
+    got = sm.cross_entropy(
+        fb.asarray(x), fb.asarray(t), weight=fb.asarray(w), temperature=0.8, softcap=25.0, **kw
+    )
+    capped = 25.0 * np.tanh(x.astype(np.float64) / 25.0)
+    want = ref.np_cross_entropy(capped / 0.8, t, weight=w, **kw)
+    got = np.asarray(got.numpy() if fb.name == "torch" else got, dtype=np.float64)
+    np.testing.assert_allclose(got, want, rtol=2 * 2.0**-24, atol=0)
+    assert generic_ce_calls == []
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
 @pytest.mark.parametrize(
     "mask", [[[True, False, True]], [[True, True, False], [False, True, True]]]
 )
@@ -332,7 +357,7 @@ def test_torch_func_transforms_on_fast_path_dtypes(tb, func, monkeypatch):
         ([[1.0, -math.inf, 0.0]], [1], {}),  # -inf at the target: +inf
         ([[math.inf, 1.0, 0.0]], [0], {}),  # +inf logit
         ([[1.0, 2.0, 0.0]], [-100], {}),  # all ignored: 0, not torch's NaN
-        ([[1.0, 2.0, 0.0]], [0], {"softcap": 30.0}),  # an option the kernel lacks
+        ([[1.0, math.nan, 0.0]], [0], {"softcap": 30.0}),  # NaN: NaN, capped or not
         ([[1.0, 2.0, 0.0]], [0], {"temperature": 1e-300, "z_loss": 1e-4}),  # z lse**2 = inf
         ([[1.0, 2.0, 0.0]], [2], {"temperature": 1e-308}),  # (m - x_t) / T = inf
         ([[1.0, 2.0, 0.0]], [0], {"where": False}),  # all masked: 0 (a mask is fast)
@@ -382,15 +407,21 @@ CE_OPTIONS = [
     {"temperature": 2.5, "z_loss": 1e-2},
     {"weight": True, "label_smoothing": 0.1, "temperature": 0.7, "z_loss": 1e-3},
     {"weight": True, "reduction": "none", "z_loss": 1e-2, "ignore_index": 3},
+    {"softcap": 5.0},
+    {"weight": True, "label_smoothing": 0.1, "temperature": 0.7, "z_loss": 1e-3, "softcap": 3.0},
 ]
 
 
-def _torch_ce64(x64, t, axis=-1, temperature=1.0, z_loss=0.0, **kw):
-    """torch's cross-entropy of ``x64 / temperature`` (float64), plus ``z_loss`` times
-    the squared logsumexp of each sample that is not ignored; a mean divides by the
-    total weight of those samples, as torch's does."""
+def _torch_ce64(x64, t, axis=-1, temperature=1.0, z_loss=0.0, softcap=None, **kw):
+    """torch's cross-entropy of ``x64 / temperature`` (float64; soft-capped first,
+    ``softcap * tanh(x64 / softcap)``, for a ``softcap``), plus ``z_loss`` times the
+    squared logsumexp of each sample that is not ignored; a mean divides by the total
+    weight of those samples, as torch's does."""
     torch = sys.modules["torch"]
-    x64 = torch.movedim(x64, axis, -1) / temperature
+    x64 = torch.movedim(x64, axis, -1)
+    if softcap is not None:
+        x64 = softcap * torch.tanh(x64 / softcap)
+    x64 = x64 / temperature
     reduction = kw.pop("reduction", "mean")
     per = torch.nn.functional.cross_entropy(x64, t, reduction="none", **kw)
     kept = t != kw.get("ignore_index", -100)
@@ -499,7 +530,9 @@ def test_cross_entropy_gradient_of_the_weights(tb, reduction, monkeypatch):
     np.testing.assert_allclose(gw.numpy(), ww.numpy(), rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("extra", [{}, {"temperature": 0.7, "z_loss": 1e-2}])
+@pytest.mark.parametrize(
+    "extra", [{}, {"temperature": 0.7, "z_loss": 1e-2}, {"softcap": 2.0, "temperature": 0.7}]
+)
 def test_cross_entropy_kernel_second_derivative(tb, extra, monkeypatch):
     """create_graph: the backward is torch's differentiable one, so Hessians match."""
     torch = tb.module
