@@ -46,8 +46,9 @@ How:
   then that array itself, without a second pass of XLA scaling it by the factors (and
   by the upstream gradient, which is a constant 1 under ``jax.grad``: XLA drops the
   product). A per-sample ``where`` arrives as ``ignore_index`` targets
-  (:mod:`stablemath._fastpaths`). ``softcap`` and soft targets take the generic
-  kernels;
+  (:mod:`stablemath._fastpaths`). A ``softcap`` is applied by XLA in float32 before
+  the call (JAX differentiates it), as the generic kernels do without
+  ``jax_enable_x64``; with it, and for soft targets, the generic kernels run;
 * only where XLA compiles for one CPU device: arrays on a CPU device, or, for traced
   arrays in a process that also has accelerators, ``lax.platform_dependent`` (the
   generic kernels for every other platform); not for arrays sharded over several
@@ -1020,18 +1021,23 @@ def _jax_functions() -> Any:
         d_big_g = ds[..., None] * g + s[..., None] * dg
         return (loss, big_g), (dloss, d_big_g.astype(big_g.dtype))
 
-    @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
+    @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5))
     def ce_entry(
         axis: int,
         ignore_index: int,
         reduction: str,
         opts: tuple,
+        cap: float,
         cpu_only: bool,
         x: Any,
         target: Any,
         weight: Any,
     ) -> Any:
         xm = jnp.moveaxis(x, axis, -1)
+        if cap:
+            # the soft-cap as the generic kernels compute it in their float32, by XLA,
+            # and differentiated by JAX (the custom_jvps see the capped logits)
+            xm = cap * jnp.tanh(xm.astype(jnp.float32) / cap)
         n = xm.shape[-1]
         ignored = target == ignore_index
         # a target out of range gives NaN (SPEC §4 under tracing; eager calls with one
@@ -1118,11 +1124,15 @@ def cross_entropy(
     smoothing: float,
     temperature: float = 1.0,
     z_loss: float = 0.0,
+    softcap: float | None = None,
 ) -> Any:
     """Hard-target cross-entropy of the JAX array ``x / temperature`` (classes along
     ``axis``, an index) against integer ``target`` of its sample shape, with the
-    z-loss ``z_loss``, or None where the kernels do not apply: an eager call with a
-    target out of range (the generic path raises). The kernel gives each sample's
+    z-loss ``z_loss``, of the logits soft-capped first for a ``softcap`` (by XLA, in
+    float32), or None where the kernels do not apply: an eager call with a target out
+    of range (the generic path raises), a ``softcap`` with ``jax_enable_x64`` (the
+    generic kernels cap in float64 then, more than the float32 logits the kernel
+    reads can hold). The kernel gives each sample's
     loss, with the class weights inside it where there is label smoothing or a z-loss
     (elsewhere the weight of a sample is a factor of its whole loss, applied here with
     the ignored samples and the reduction)."""
@@ -1131,6 +1141,8 @@ def cross_entropy(
     cpu = _cpu_only(x)
     if cpu is False:
         return None
+    if softcap is not None and jax.dtypes.canonicalize_dtype(np.float64) == np.float64:
+        return None
     if not isinstance(target, jax.core.Tracer):
         # (in NumPy: under a trace, jnp would stage this check on a captured target)
         values, n = np.asarray(target), x.shape[axis]
@@ -1138,4 +1150,5 @@ def cross_entropy(
             return None
     ce_entry = _jax_functions()[1]
     opts = (float(smoothing), 1.0 / temperature, float(z_loss))
-    return ce_entry(axis, ignore_index, reduction, opts, bool(cpu), x, target, weight)
+    cap = 0.0 if softcap is None else float(softcap)
+    return ce_entry(axis, ignore_index, reduction, opts, cap, bool(cpu), x, target, weight)

@@ -258,7 +258,7 @@ def test_cross_entropy_ffi_call_is_what_runs(jax, dtype, monkeypatch):
     sm.cross_entropy(x, t, weight=jnp.ones(5, dtype="float32"), z_loss=1e-4)
     assert spied == []
     sm.cross_entropy(x, t, softcap=30.0)
-    assert len(spied) == 1  # softcap: the generic kernels
+    assert len(spied) == 1  # softcap with jax_enable_x64 (see below): the generic kernels
 
 
 @pytest.mark.parametrize("options", CE_OPTIONS, ids=str)
@@ -447,6 +447,72 @@ def test_cross_entropy_large_and_vmapped(jax, monkeypatch):
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-9)
         # the losses (+inf in the blocks with an all -inf row)
         _close(fast[3], generic[3], "float32")
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"reduction": "none"},
+        {
+            "reduction": "mean",
+            "weight": [1.0, 2.0, 0.0, 0.5, 1.0],
+            "label_smoothing": 0.1,
+            "temperature": 0.7,
+            "z_loss": 1e-3,
+        },
+    ],
+    ids=str,
+)
+def test_cross_entropy_softcap_without_x64(jax, options, monkeypatch):
+    """A soft-cap with ``jax_enable_x64`` off (JAX's default): XLA caps the logits in
+    float32, as the generic kernels then do, and the FFI kernel takes the capped ones
+    (+-inf logits become +-softcap): the generic kernels' losses, gradients and
+    forward-mode derivatives at every edge row, under jit and vmap. With x64 on the
+    generic kernels would cap in float64, more than float32 logits hold: they run."""
+    import jax.numpy as jnp
+
+    kw = dict(options, softcap=4.0)
+    if "weight" in kw:
+        kw["weight"] = np.asarray(kw["weight"], np.float32)
+    rows = [0, 1, 2, 3, 4, 6, 7]
+    rng = np.random.default_rng(5)
+    dx = rng.standard_normal((len(rows), 5)).astype(np.float32)
+
+    def run(generic):
+        if generic:
+            monkeypatch.setenv(_fastpaths.DISABLE_ENV, "1")
+        jax.clear_caches()
+        spied = spy_kernels(monkeypatch, ["cross_entropy"])
+        try:
+            with jax.enable_x64(False):
+                x = jnp.asarray(EDGES[rows], dtype="float32")
+                t = jnp.asarray(CE_TARGETS[rows])
+                w = {k: jnp.asarray(v) if k == "weight" else v for k, v in kw.items()}
+
+                def loss(a):
+                    return jnp.sum(sm.cross_entropy(a, t, **w))
+
+                value, grad = jax.jit(jax.value_and_grad(loss))(x)
+                tangent = jax.jit(lambda a: jax.jvp(loss, (a,), (jnp.asarray(dx),))[1])(x)
+                batched = jax.jit(jax.vmap(lambda a, b: sm.cross_entropy(a, b, **w)))(
+                    x[:, None], t[:, None]
+                )
+                found = [np.asarray(v, np.float64) for v in (value, grad, tangent, batched)]
+        finally:
+            monkeypatch.delenv(_fastpaths.DISABLE_ENV, raising=False)
+        return found, list(spied)
+
+    fast, calls = run(False)
+    assert calls == []
+    generic, calls = run(True)
+    assert calls
+    assert np.isnan(fast[1][4]).all()  # the NaN row
+    for got, want in zip(fast, generic, strict=True):
+        np.testing.assert_allclose(got, want, rtol=2e-6, atol=1e-7, equal_nan=True)
+    spied = spy_kernels(monkeypatch, ["cross_entropy"])
+    x = jnp.asarray(EDGES[rows], dtype="float32")
+    sm.cross_entropy(x, jnp.asarray(CE_TARGETS[rows]), softcap=4.0)
+    assert spied == ["cross_entropy"]  # x64 on (this suite's setting): generic
 
 
 @pytest.mark.parametrize("rows", [6, 60000], ids=["one-thread", "pool"])
