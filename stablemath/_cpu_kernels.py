@@ -616,7 +616,7 @@ def _gradient_into(g: Any, e: Any, f: float, b: float, weight: Any, slope: Any) 
         _put(g, c, v * slope[c] if capped else v)
 
 
-@numba.njit(fastmath=_SUM, cache=True, error_model="numpy")
+@numba.njit(fastmath=_SUM, cache=True, error_model="numpy", inline="always")
 def _row_cross_entropy(
     row: Any,
     t: int,
