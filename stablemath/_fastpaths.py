@@ -105,7 +105,7 @@ import numpy as np
 
 from . import _triton
 from ._lib import _env
-from ._lib._compat import can_inspect_values, finish, numpy_view
+from ._lib._compat import can_inspect_values, finish, numpy_view, plain_tensor
 
 __all__ = ["DISABLE_ENV", "cross_entropy", "log_softmax", "logsumexp", "softmax"]
 
@@ -126,10 +126,14 @@ _TORCH_FLOATS: tuple[Any, ...] = ()
 
 def _torch_floats() -> tuple[Any, ...]:
     """float32, float16 and bfloat16 of torch, once torch is imported."""
-    global _TORCH_FLOATS
+    global _TORCH_FLOATS, _IS_COMPILING
     torch = sys.modules["torch"]
     _TORCH_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+    _IS_COMPILING = torch.compiler.is_compiling
     return _TORCH_FLOATS
+
+
+_IS_COMPILING: Any = None  # torch.compiler.is_compiling, looked up once
 
 
 def _kind(x: Any) -> str | None:
@@ -149,10 +153,13 @@ def _kind(x: Any) -> str | None:
     # the compiler's check first: torch.compile need not trace the environment reads
     # (whether a value can be read under torch.func is _dispatch's to ask, for the
     # one path that reads values)
-    if torch.compiler.is_compiling() or _env.flag(DISABLE_ENV):
+    if (_IS_COMPILING or torch.compiler.is_compiling)():
         return None
-    if _env.flag("TRITON_INTERPRET") and _triton.supports(x):
-        return None  # the Triton kernels' own tests run them on CPU tensors
+    if _env.either(DISABLE_ENV, "TRITON_INTERPRET") and (
+        # the Triton kernels' own tests run them on CPU tensors
+        _env.flag(DISABLE_ENV) or _triton.supports(x)
+    ):
+        return None
     return "torch"
 
 
@@ -188,6 +195,7 @@ def _xla() -> Any:
 
 
 _TEAM: Any = None
+_TEAM_MODULE: Any = None
 
 
 def _on_torch_threads() -> Any:
@@ -195,10 +203,18 @@ def _on_torch_threads() -> Any:
     on torch's own OpenMP threads (imported at first use)."""
     global _TEAM
     if _TEAM is None:
+        _TEAM = _team().run_rows
+    return _TEAM
+
+
+def _team() -> Any:
+    """:mod:`stablemath._cpu_team` (imported at first use)."""
+    global _TEAM_MODULE
+    if _TEAM_MODULE is None:
         from . import _cpu_team
 
-        _TEAM = _cpu_team.run_rows
-    return _TEAM
+        _TEAM_MODULE = _cpu_team
+    return _TEAM_MODULE
 
 
 def _as_rows(x: np.ndarray, axis: int) -> tuple[np.ndarray, tuple[int, ...]]:
@@ -358,6 +374,86 @@ def _precomputed_grad() -> Any:
 
 
 # --- PyTorch (CPU) ------------------------------------------------------------------------
+
+
+_ELEMENTS: dict[Any, Any] = {}
+
+
+def _torch_elements() -> dict[Any, Any]:
+    """The kernels' element type of each torch dtype whose memory they read as it is
+    (float16 only where the CPU converts it)."""
+    torch = sys.modules["torch"]
+    _ELEMENTS[torch.float32] = np.float32
+    _ELEMENTS[torch.bfloat16] = np.uint16
+    if _compiled().FLOAT16_CONVERSIONS:
+        _ELEMENTS[torch.float16] = np.int16
+    return _ELEMENTS
+
+
+_NOT_SMALL = object()  # "not for _torch_small": the other torch paths decide
+
+
+def _torch_small(func: str, x: Any, axis: int, arg: Any) -> Any:
+    """``func`` (softmax, log_softmax, logsumexp) of a small C-contiguous torch tensor
+    along its last axis, by the kernel on the calling thread, which reads the memory
+    at its address (:func:`stablemath._cpu_team.at_address`); the result in a NumPy
+    array wrapped by ``torch.from_numpy``, as on the other paths. None for a slice
+    that is for the generic kernel; :data:`_NOT_SMALL` for any other tensor.
+
+    This is the path of a 1x10 call, where every check costs. The NumPy view of the
+    input (``Tensor.numpy()`` and :func:`~stablemath._lib._compat.numpy_view`'s
+    checks, 1.3 us) was the largest part of the call overhead; here the same checks
+    (:func:`~stablemath._lib._compat.plain_tensor`, its torch functions looked up
+    once) and ``data_ptr`` take 0.5. Call overhead over the native function, 1x10
+    float32, ``benchmarks/run.py --providers sm-torch,torch --shapes 1x10 --dtypes
+    float32``, two runs each, before -> after (with the facades' fast-path call
+    moved out of ``_normalize`` and the two environment reads made one): softmax
+    +4.5-4.7 us -> +2.2-2.3, log_softmax +5.0-5.5 -> +2.5-2.6, logsumexp -0.6-1.0 ->
+    -2.0-2.2 (``torch.softmax`` itself 1.2 us).
+    """
+    shape = x.shape
+    ndim = len(shape)
+    team = _TEAM_MODULE or _team()
+    if not ndim or (axis != -1 and axis != ndim - 1):
+        return _NOT_SMALL
+    n = shape[-1]
+    size = x.numel()
+    if not n or size >= team.SMALL or not x.is_contiguous() or not plain_tensor(x):
+        return _NOT_SMALL
+    dtype = x.dtype
+    run = _AT.get((func, dtype)) or _at_address(func, dtype)
+    if run is None:
+        return _NOT_SMALL
+    rows = size // n
+    if func == "logsumexp":
+        out = np.empty(rows, np.float32)
+        if not run(x.data_ptr(), rows, n, out, 1.0):
+            return None
+        return _as_tensor(out.reshape(shape[:-1] + (1,) * arg), dtype)
+    out = np.empty((rows, n), _ELEMENTS[dtype])
+    if not run(x.data_ptr(), rows, n, out, 1.0 / arg):
+        return None
+    # (float32, the common case, without _as_tensor's questions)
+    res = _TORCH_FROM_NUMPY(out) if dtype is _FLOAT32 else _as_tensor(out, dtype)
+    return res if ndim == 2 else res.view(shape)
+
+
+_AT: dict[tuple[str, Any], Any] = {}
+_FLOAT32: Any = None
+_TORCH_FROM_NUMPY: Any = None
+
+
+def _at_address(func: str, dtype: Any) -> Any:
+    """:func:`stablemath._cpu_team.at_address` of ``func``'s kernel for tensors of
+    ``dtype``, or None where the kernels do not read that dtype's memory."""
+    global _FLOAT32, _TORCH_FROM_NUMPY
+    torch = sys.modules["torch"]
+    _FLOAT32, _TORCH_FROM_NUMPY = torch.float32, torch.from_numpy
+    element = (_ELEMENTS or _torch_elements()).get(dtype)
+    if element is None:
+        return None
+    run = _AT[func, dtype] = _team().at_address(getattr(_compiled(), func + "_rows"), element)
+    return run
 
 
 def _torch_view(x: Any) -> np.ndarray | None:
@@ -652,6 +748,10 @@ def _dispatch(func: str, numpy_impl: Any, torch_ops: Any, x: Any, axis: int, *ar
         if func == "logsumexp":
             return _xla().logsumexp(x, axis, *args)
         return _xla().normalise(func, x, axis, *args)
+    if kind == "torch":
+        res = _torch_small(func, x, axis, *args)
+        if res is not _NOT_SMALL:
+            return res
     view = x if kind == "numpy" else _torch_view(x)
     shape = x.shape if view is None else view.shape  # (a NumPy shape costs less)
     axis = _slice_axis(shape, axis)

@@ -53,23 +53,11 @@ def _broadcast_shape(*shapes: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def _normalize(
-    func: str,
-    x: Array,
-    /,
-    *,
-    axis: int | tuple[int, ...] | None,
-    temperature: float,
-    where: Array | None,
-    dtype: Any,
+    func: str, x: Array, axis: int | tuple[int, ...] | None, t: float, where: Any, dtype: Any
 ) -> Array:
-    """softmax and log_softmax: validate, then run the Triton kernels (torch tensors on
-    a GPU) or the array-API kernel ``_kernels.<func>`` in the computing dtype."""
-    t = check_temperature(temperature)
-    if where is None and dtype is None and type(axis) is int:
-        # before the namespace: the fast paths take NumPy arrays and torch tensors only
-        fast = getattr(_fastpaths, func)(x, axis, t)
-        if fast is not None:
-            return fast
+    """softmax and log_softmax, where no fast path took them: validate, then run the
+    Triton kernels (torch tensors on a GPU) or the array-API kernel
+    ``_kernels.<func>`` in the computing dtype. ``t`` is the checked temperature."""
     xp, (x, where) = array_namespace(x, where)
     check_complex(xp, x, func)
     out_dtype = float_dtype(xp, x) if dtype is None else dtype
@@ -164,7 +152,13 @@ def softmax(
     array([[0.5, 0.5],
            [0. , 0. ]])
     """
-    return _normalize("softmax", x, axis=axis, temperature=temperature, where=where, dtype=dtype)
+    t = check_temperature(temperature)
+    if where is None and dtype is None and type(axis) is int:
+        # before the namespace: the fast paths take NumPy arrays and torch tensors only
+        fast = _fastpaths.softmax(x, axis, t)
+        if fast is not None:
+            return fast
+    return _normalize("softmax", x, axis, t, where, dtype)
 
 
 def log_softmax(
@@ -223,9 +217,12 @@ def log_softmax(
     >>> sm.log_softmax(np.array([1000.0, 1.0, -1000.0]))
     array([    0.,  -999., -2000.])
     """
-    return _normalize(
-        "log_softmax", x, axis=axis, temperature=temperature, where=where, dtype=dtype
-    )
+    t = check_temperature(temperature)
+    if where is None and dtype is None and type(axis) is int:
+        fast = _fastpaths.log_softmax(x, axis, t)
+        if fast is not None:
+            return fast
+    return _normalize("log_softmax", x, axis, t, where, dtype)
 
 
 def logsumexp(

@@ -557,8 +557,9 @@ def test_cross_entropy_kernel_second_derivative(tb, extra, monkeypatch):
 @pytest.fixture
 def kernel_runs(monkeypatch):
     """Count the runs of the compiled row kernels (stablemath/_cpu_kernels.py) that the
-    fast paths ask for: through the NumPy runner and through torch's team (which runs
-    small arrays itself; a large one it may hand to the NumPy runner, counted twice)."""
+    fast paths ask for: through the NumPy runner, through torch's team (which runs
+    small arrays itself; a large one it may hand to the NumPy runner, counted twice),
+    and by address for small torch tensors."""
     from stablemath import _cpu_kernels, _cpu_team
 
     runs = []
@@ -570,8 +571,21 @@ def kernel_runs(monkeypatch):
 
         return spy
 
+    at_address = _cpu_team.at_address
+
+    def spying_at_address(kernel, element):
+        real = at_address(kernel, element)
+
+        def spy(*args):
+            runs.append(kernel.__name__)
+            return real(*args)
+
+        return spy
+
     monkeypatch.setattr(_cpu_kernels, "run_rows", spying(_cpu_kernels.run_rows))
     monkeypatch.setattr(_fastpaths, "_TEAM", spying(_cpu_team.run_rows))
+    monkeypatch.setattr(_cpu_team, "at_address", spying_at_address)
+    monkeypatch.setattr(_fastpaths, "_AT", {})
     monkeypatch.delenv(_fastpaths.DISABLE_ENV, raising=False)
     return runs
 
@@ -618,6 +632,46 @@ def test_compiled_kernels_take_torch_tensors_no_autodiff_sees(kernel_runs):
     assert kernel_runs == ["softmax_rows", "log_softmax_rows"] + ["softmax_rows"] * 2
 
 
+def test_small_torch_tensors_of_any_layout(kernel_runs):
+    """Small tensors reach the kernels by their memory's address (``data_ptr``), not
+    through a NumPy view: what that address means must be right for every layout. A
+    view that starts inside its storage, more than two dimensions, a 1-D tensor, one
+    with no rows, transposed and sliced tensors (not contiguous: through a copy), a
+    negated view (its memory holds -x) and a Parameter all give torch's float64 result,
+    rounded."""
+    if not backends_named("numpy") or not backends_named("torch"):
+        pytest.skip("torch not selected")
+    torch = pytest.importorskip("torch")
+    gen = torch.Generator().manual_seed(11)
+    big = torch.randn(6, 7, generator=gen) * 5
+    cases = {
+        "offset": big[2:5],
+        "3-d": big[:6].reshape(2, 3, 7),
+        "1-d": big[3],
+        "no rows": big[:0],
+        "transposed": big.t(),
+        "sliced": big[:, 1:],
+        "negated": torch._neg_view(big),
+        "parameter": torch.nn.Parameter(big, requires_grad=False),
+    }
+    native = {"softmax": torch.softmax, "log_softmax": torch.log_softmax}
+    for name, x in cases.items():
+        wide = x.detach().double()
+        for func, f in native.items():
+            got = getattr(sm, func)(x)
+            assert got.shape == x.shape and got.dtype == torch.float32, (name, func)
+            want = f(wide, -1).float()
+            torch.testing.assert_close(got, want, rtol=1.2e-7, atol=0, msg=(name, func))
+        for keepdims in (False, True):
+            got = sm.logsumexp(x, keepdims=keepdims)
+            want = torch.logsumexp(wide, -1, keepdim=keepdims).float()
+            assert got.shape == want.shape, (name, keepdims)
+            torch.testing.assert_close(got, want, rtol=1.2e-7, atol=0, msg=(name, keepdims))
+    # the kernels took all but the negated view, which torch's ops take
+    each = ["softmax_rows", "log_softmax_rows", "logsumexp_rows", "logsumexp_rows"]
+    assert kernel_runs == each * (len(cases) - 1)
+
+
 @pytest.mark.parametrize(
     ("dtype", "widened"), [("bfloat16", False), ("float16", False), ("float16", True)]
 )
@@ -644,7 +698,21 @@ def test_half_precision_tensors_are_read_by_the_kernels(tb, shape, dtype, widene
         rows.append(x.dtype)
         return _cpu_team.run_rows(kernel, x, *args)
 
+    at_address = _cpu_team.at_address
+
+    def spying_at_address(kernel, element):  # small tensors, read by address
+        real = at_address(kernel, element)
+
+        def spy(*args):
+            rows.append(np.dtype(element))
+            return real(*args)
+
+        return spy
+
     monkeypatch.setattr(_fastpaths, "_TEAM", spy)
+    monkeypatch.setattr(_cpu_team, "at_address", spying_at_address)
+    monkeypatch.setattr(_fastpaths, "_AT", {})
+    monkeypatch.setattr(_fastpaths, "_ELEMENTS", {})
     gen = torch.Generator().manual_seed(4)
     half = getattr(torch, dtype)
     x = (torch.randn(shape, generator=gen) * 6).to(half)

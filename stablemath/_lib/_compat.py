@@ -36,6 +36,7 @@ __all__ = [
     "finish",
     "library_name",
     "numpy_view",
+    "plain_tensor",
     "widest_float",
     "with_derivative",
 ]
@@ -168,41 +169,68 @@ def can_inspect_values(x: Any) -> bool:
     return True
 
 
+_PLAIN: tuple[Any, ...] = ()
+
+
+def _plain_parts() -> tuple[Any, ...]:
+    """What :func:`plain_tensor` asks torch, looked up once: the attribute chains
+    cost 30-60 ns each, on a path whose whole budget for a 1x10 call is a few us."""
+    global _PLAIN
+    torch = sys.modules["torch"]
+    functorch = torch._C._functorch
+    _PLAIN = (
+        torch.Tensor,
+        torch.nn.Parameter,
+        torch.is_grad_enabled,
+        functorch.maybe_current_level,
+        functorch.is_functorch_wrapped_tensor,
+        torch.autograd.forward_ad,
+        torch.strided,
+    )
+    return _PLAIN
+
+
+def plain_tensor(x: Any, *, attaches_grad: bool = False) -> bool:
+    """Whether computing on the memory of the torch CPU tensor ``x`` outside torch
+    loses nothing: False where ``x`` takes part in autograd (``requires_grad`` with
+    grad mode on; allowed with ``attaches_grad``, when the caller attaches the
+    derivative itself), is wrapped by a ``torch.func`` transform (``grad``, ``vmap``,
+    ``jvp``) or used inside one, may carry a forward-mode tangent (inside
+    ``torch.autograd.forward_ad.dual_level``), is a subclass other than
+    ``Parameter``, or is not a plain strided tensor (a negated view). The caller has
+    checked the device and that no compiler traces."""
+    tensor, parameter, grad_mode, level, wrapped, forward_ad, strided = _PLAIN or _plain_parts()
+    cls = type(x)
+    if cls is not tensor and cls is not parameter:
+        return False
+    if x.requires_grad and not attaches_grad and grad_mode():
+        return False
+    # inside a transform even a tensor from outside it has no memory to read
+    if level() is not None or wrapped(x):
+        return False
+    if getattr(forward_ad, "_current_level", -1) >= 0:
+        return False
+    return x.layout is strided and not x.is_neg()
+
+
 def numpy_view(
     x: Any, *, attaches_grad: bool = False, half_bits: bool = False
 ) -> np.ndarray | None:
     """A NumPy array sharing the memory of the torch CPU tensor ``x``, or None where
-    computing outside torch would lose something: ``x`` takes part in autograd
-    (``requires_grad`` with grad mode on; allowed with ``attaches_grad``, when the
-    caller attaches the derivative itself), is wrapped by a ``torch.func`` transform
-    (``grad``, ``vmap``, ``jvp``) or used inside one, may carry a forward-mode tangent
-    (inside ``torch.autograd.forward_ad.dual_level``), or is a subclass other than
-    ``Parameter``. The caller has checked the device and that no compiler traces.
+    :func:`plain_tensor` says that computing outside torch would lose something.
 
     NumPy has no bfloat16: such a tensor gives None, or with ``half_bits`` its bits as
     a uint16 array; with ``half_bits`` a float16 tensor gives its bits as int16 (for
     the compiled kernels, which read both kinds of bits themselves)."""
+    if not plain_tensor(x, attaches_grad=attaches_grad):
+        return None
     torch = sys.modules["torch"]
-    cls = type(x)
-    if cls is not torch.Tensor and cls is not torch.nn.Parameter:
-        return None
-    grad = x.requires_grad
-    if grad and not attaches_grad and torch.is_grad_enabled():
-        return None
-    functorch = torch._C._functorch
-    # inside a transform even a tensor from outside it has no memory to read
-    if functorch.maybe_current_level() is not None or functorch.is_functorch_wrapped_tensor(x):
-        return None
-    if getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0:
-        return None
-    if x.layout is not torch.strided or x.is_neg():
-        return None
     dtype = x.dtype  # (torch's dtypes are singletons: `is` is their equality)
     if dtype is torch.bfloat16:
         return x.detach().view(torch.int16).numpy().view(np.uint16) if half_bits else None
     if dtype is torch.float16 and half_bits:
         return x.detach().view(torch.int16).numpy()
-    return (x.detach() if grad else x).numpy()
+    return (x.detach() if x.requires_grad else x).numpy()
 
 
 _WIDEST: dict[tuple[str, str], Any] = {}
