@@ -26,6 +26,7 @@ they do for NumPy arrays.
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 import sys
 from typing import Any
@@ -39,7 +40,7 @@ from numba.extending import intrinsic
 
 from . import _cpu_kernels as ck
 
-__all__ = ["SMALL", "at_address", "available", "run_rows"]
+__all__ = ["MEAN", "NONE", "SMALL", "SUM", "at_address", "available", "run_rows"]
 
 _SLOTS = 18  # int64 words of the argument block
 # block layout, all kernels: the counter's address (words 0 and 1: next row, failed),
@@ -208,6 +209,46 @@ def _at_address(kernel: Any, element: Any) -> Any:
     return at
 
 
+# reductions of cross_entropy_at_address
+NONE, SUM, MEAN = 0, 1, 2
+
+
+def _cross_entropy_at_address(element: Any) -> Any:
+    @numba.njit(cache=True)
+    def at(
+        address: int,
+        rows: int,
+        n: int,
+        targets: int,
+        weight: Any,
+        ignore_index: int,
+        smoothing: float,
+        inv_t: float,
+        z: float,
+        cap: float,
+        loss: Any,
+        grad: Any,
+        reduce: int,
+    ) -> float:
+        x = numba.carray(_address(address), (rows, n), element)
+        target = numba.carray(_address(targets), (rows,), np.int64)
+        total = ck.target_total(target, weight, ignore_index, n)
+        if total < 0.0 or (reduce == MEAN and total == 0.0):
+            return math.nan
+        denominator = total if reduce == MEAN else 1.0
+        args = (target, weight, ignore_index, smoothing, inv_t, z, cap, grad, 1.0 / denominator)
+        if not ck.cross_entropy_rows(x, loss, 0, rows, *args):
+            return math.nan
+        if reduce == NONE:
+            return 0.0
+        s = 0.0
+        for i in range(rows):
+            s += loss[i]
+        return s / denominator
+
+    return at
+
+
 _AT: dict[Any, Any] = {}
 
 
@@ -216,6 +257,15 @@ def at_address(kernel: Any, element: Any) -> Any:
     calling thread, ``x`` the C-contiguous ``(rows, n)`` rows of ``element`` (as for
     :func:`_rows_of`) at ``address``; for softmax, log_softmax and logsumexp.
 
+    For ``cross_entropy_rows``, ``at(address, rows, n, targets, weight, ignore_index,
+    smoothing, inv_t, z, cap, loss, grad, reduce)`` with the int64 targets at
+    ``targets``: the check of the targets (``target_total``), the kernel (the
+    gradient scaled by one over the mean's denominator) and the reduction of the
+    float64 ``loss`` rows (``reduce``: :data:`NONE`, :data:`SUM` or :data:`MEAN`)
+    in one call; the reduced loss (0 for ``NONE``), or NaN where the fast path gives
+    None: a target out of range, a mean over no kept sample, a row the kernel
+    refuses.
+
     For tensors of fewer than :data:`SMALL` elements, the kernel reads the tensor's
     memory from ``Tensor.data_ptr()`` (0.07 us) instead of a NumPy view
     (``Tensor.numpy()``, 0.6 us, a quarter of the call overhead of a 1x10 softmax).
@@ -223,7 +273,8 @@ def at_address(kernel: Any, element: Any) -> Any:
     key = (kernel, element)
     at = _AT.get(key)
     if at is None:
-        at = _AT[key] = _at_address(kernel, element)
+        make = _cross_entropy_at_address if kernel is ck.cross_entropy_rows else None
+        at = _AT[key] = make(element) if make else _at_address(kernel, element)
     return at
 
 

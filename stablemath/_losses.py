@@ -219,13 +219,15 @@ def cross_entropy(
     """
     _check_reduction(reduction)
     ignore_index = _check_ignore_index(ignore_index)
-    if not 0.0 <= float(label_smoothing) <= 1.0:
+    smoothing, z = float(label_smoothing), float(z_loss)
+    if not 0.0 <= smoothing <= 1.0:
         msg = f"label_smoothing must lie in [0, 1], got {label_smoothing!r}"
         raise ValueError(msg)
-    if not (math.isfinite(float(z_loss)) and float(z_loss) >= 0):
+    if not (math.isfinite(z) and z >= 0):
         msg = f"z_loss must be a finite number >= 0, got {z_loss!r}"
         raise ValueError(msg)
-    if softcap is not None and not (math.isfinite(float(softcap)) and float(softcap) > 0):
+    cap = None if softcap is None else float(softcap)
+    if cap is not None and not (math.isfinite(cap) and cap > 0):
         msg = f"softcap must be None or a positive finite float, got {softcap!r}"
         raise ValueError(msg)
     t = check_temperature(temperature)
@@ -235,17 +237,7 @@ def cross_entropy(
         # target values themselves, and give None for anything the generic path must
         # decide or reject
         fast = _fastpaths.cross_entropy(
-            logits,
-            target,
-            axis=axis,
-            weight=weight,
-            ignore_index=ignore_index,
-            reduction=reduction,
-            label_smoothing=float(label_smoothing),
-            where=where,
-            temperature=t,
-            z_loss=float(z_loss),
-            softcap=None if softcap is None else float(softcap),
+            logits, target, axis, weight, ignore_index, reduction, smoothing, where, t, z, cap
         )
         if fast is not None:
             return fast
@@ -289,10 +281,10 @@ def cross_entropy(
             weight=weight,
             ignore_index=ignore_index,
             reduction=reduction,
-            label_smoothing=float(label_smoothing),
+            label_smoothing=smoothing,
             temperature=t,
-            softcap=None if softcap is None else float(softcap),
-            z_loss=float(z_loss),
+            softcap=cap,
+            z_loss=z,
             where=mask,
         )
     weight = _prepare_weight(xp, weight, shape[ax], work)
@@ -307,10 +299,10 @@ def cross_entropy(
         weight=weight,
         ignore_index=ignore_index,
         reduction=reduction,
-        label_smoothing=float(label_smoothing),
+        label_smoothing=smoothing,
         temperature=t,
-        softcap=None if softcap is None else float(softcap),
-        z_loss=float(z_loss),
+        softcap=cap,
+        z_loss=z,
         sample_mask=mask,
         xp=xp,
     )

@@ -559,10 +559,14 @@ def kernel_runs(monkeypatch):
     """Count the runs of the compiled row kernels (stablemath/_cpu_kernels.py) that the
     fast paths ask for: through the NumPy runner, through torch's team (which runs
     small arrays itself; a large one it may hand to the NumPy runner, counted twice),
-    and by address for small torch tensors."""
+    and by address for small torch tensors (also listed in ``runs.by_address``)."""
     from stablemath import _cpu_kernels, _cpu_team
 
-    runs = []
+    class Runs(list):
+        by_address: list
+
+    runs = Runs()
+    runs.by_address = []
 
     def spying(real):
         def spy(kernel, *args):
@@ -578,6 +582,7 @@ def kernel_runs(monkeypatch):
 
         def spy(*args):
             runs.append(kernel.__name__)
+            runs.by_address.append(kernel.__name__)
             return real(*args)
 
         return spy
@@ -667,9 +672,56 @@ def test_small_torch_tensors_of_any_layout(kernel_runs):
             want = torch.logsumexp(wide, -1, keepdim=keepdims).float()
             assert got.shape == want.shape, (name, keepdims)
             torch.testing.assert_close(got, want, rtol=1.2e-7, atol=0, msg=(name, keepdims))
-    # the kernels took all but the negated view, which torch's ops take
+    # the kernels took all but the negated view, which torch's ops take; by address
+    # all but that and the two that are not contiguous
     each = ["softmax_rows", "log_softmax_rows", "logsumexp_rows", "logsumexp_rows"]
     assert kernel_runs == each * (len(cases) - 1)
+    assert kernel_runs.by_address == each * (len(cases) - 3)
+
+
+def test_small_torch_cross_entropy_of_any_layout(kernel_runs):
+    """Cross-entropy of small tensors reads logits and int64 targets at their
+    addresses too, and checks the targets' shape without torch.Size slices: every
+    layout must give the float64 reference (loss and gradient), a wrong target shape
+    the generic path's error, and other target dtypes the other paths."""
+    if not backends_named("numpy") or not backends_named("torch"):
+        pytest.skip("torch not selected")
+    torch = pytest.importorskip("torch")
+    gen = torch.Generator().manual_seed(12)
+    big = torch.randn(6, 7, generator=gen) * 5
+    labels = torch.randint(0, 7, (12,), generator=gen)
+    cases = {
+        "plain": (big, labels[:6]),
+        "offsets": (big[2:5], labels[5:8]),
+        "3-d": (big.reshape(2, 3, 7), labels[:6].reshape(2, 3)),
+        "1-d": (big[4], labels[9]),
+        "transposed logits": (big.t(), labels[:7]),
+        "sliced targets": (big, labels[::2]),
+        "int32 targets": (big, labels[:6].int()),
+        "negated targets": (big, torch._neg_view(-labels[:6])),
+    }
+
+    def reference(x, t, reduction):
+        logp = torch.log_softmax(x.double(), -1)
+        nll = -logp.gather(-1, t.long().unsqueeze(-1)).squeeze(-1)
+        return {"mean": nll.mean(), "sum": nll.sum(), "none": nll}[reduction]
+
+    for name, (x, t) in cases.items():
+        for reduction in ("mean", "sum", "none"):
+            got = sm.cross_entropy(x, t, reduction=reduction)
+            want = reference(x, t, reduction).float()
+            assert got.dtype == torch.float32 and got.shape == want.shape, (name, reduction)
+            torch.testing.assert_close(got, want, rtol=1.2e-7, atol=0, msg=(name, reduction))
+        xg, xw = x.detach().clone().requires_grad_(True), x.detach().double().requires_grad_(True)
+        sm.cross_entropy(xg, t).backward()
+        reference(xw, t, "mean").backward()
+        torch.testing.assert_close(xg.grad, xw.grad.float(), rtol=1e-6, atol=1e-9, msg=name)
+    # 3 reductions and a gradient each: all by address but for the transposed logits
+    # (a copy), the sliced and the int32 targets; the negated ones take the generic path
+    assert kernel_runs == ["cross_entropy_rows"] * 4 * (len(cases) - 1)
+    assert kernel_runs.by_address == ["cross_entropy_rows"] * 4 * (len(cases) - 4)
+    with pytest.raises(ValueError, match="target"):
+        sm.cross_entropy(big[:6].reshape(2, 3, 7), labels[:6].reshape(3, 2))
 
 
 @pytest.mark.parametrize(

@@ -190,7 +190,7 @@ def _plain_parts() -> tuple[Any, ...]:
     return _PLAIN
 
 
-def plain_tensor(x: Any, *, attaches_grad: bool = False) -> bool:
+def plain_tensor(x: Any, other: Any = None, *, attaches_grad: bool = False) -> bool:
     """Whether computing on the memory of the torch CPU tensor ``x`` outside torch
     loses nothing: False where ``x`` takes part in autograd (``requires_grad`` with
     grad mode on; allowed with ``attaches_grad``, when the caller attaches the
@@ -198,7 +198,8 @@ def plain_tensor(x: Any, *, attaches_grad: bool = False) -> bool:
     ``jvp``) or used inside one, may carry a forward-mode tangent (inside
     ``torch.autograd.forward_ad.dual_level``), is a subclass other than
     ``Parameter``, or is not a plain strided tensor (a negated view). The caller has
-    checked the device and that no compiler traces."""
+    checked the device and that no compiler traces. ``other``, a tensor that takes no
+    part in autograd (integer targets), is asked the same questions, in one call."""
     tensor, parameter, grad_mode, level, wrapped, forward_ad, strided = _PLAIN or _plain_parts()
     cls = type(x)
     if cls is not tensor and cls is not parameter:
@@ -210,6 +211,12 @@ def plain_tensor(x: Any, *, attaches_grad: bool = False) -> bool:
         return False
     if getattr(forward_ad, "_current_level", -1) >= 0:
         return False
+    if other is not None:
+        cls = type(other)
+        if (cls is not tensor and cls is not parameter) or wrapped(other):
+            return False
+        if other.layout is not strided or other.is_neg():
+            return False
     return x.layout is strided and not x.is_neg()
 
 
