@@ -57,9 +57,10 @@ Two implementations, one arithmetic:
 Why no precaution is lost: the arithmetic runs in float64 on values that are exact
 float32 (or narrower) numbers, so ``x - m`` is exact and every float64 rounding is
 2**-29 of an output ulp; the error-free corrections of the generic path (TwoSum of the
-shift, compensated sums) have nothing left to correct. What does matter is kept: the
-maximal entries are taken out of the sum and counted (``log(k) + log1p(s / k)``), so a
-dominant term keeps full relative precision (SPEC §3.5); ``-inf`` entries give
+shift, compensated sums) have nothing left to correct. What does matter is kept: where
+the maximum dominates a row, the maximal entries are taken out of the sum and counted
+(``log(k) + log1p(s / k)``), so a dominant term keeps full relative precision (SPEC
+§3.5); ``-inf`` entries give
 ``exp(-inf) = 0`` and ``-inf`` log-probabilities with finite gradients.
 
 The same tests run on both paths: ``STABLEMATH_DISABLE_FASTPATHS=1`` turns this module

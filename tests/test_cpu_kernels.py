@@ -204,6 +204,39 @@ def test_cross_entropy_rows_split_over_threads(with_grad, monkeypatch):
         np.testing.assert_allclose(grad.astype(np.float64).sum(axis=1), want_sum, atol=1e-6)
 
 
+@pytest.mark.parametrize("n", [2, 1000, 32000])
+def test_a_dominant_term_keeps_its_precision_on_both_sides_of_the_switch(n):
+    """Rows ``[0, -a, ..., -a]`` whose total ``log1p(r)``, ``r = (n - 1) exp(-a)``,
+    runs from 1e-14 to 0.1: the kernels take ``log(sum)`` above ``_clear(n)`` and
+    count the maximal entries below it (SPEC §3.5). logsumexp, log_softmax at the
+    maximum and the cross-entropy of target 0, in float64 outputs, are within 1e-9
+    relative of mpmath on both sides (a switch at a fixed sum such as ``1 + 2**-40``
+    gives errors of 1e-5 near it)."""
+    mpmath = pytest.importorskip("mpmath")
+    r = np.geomspace(1e-14, 0.1, 57)
+    a = (-np.log(r / (n - 1))).astype(np.float32)
+    x = np.repeat(-a[:, None], n, axis=1)
+    x[:, 0] = 0.0
+    rows = x.shape[0]
+    assert (r[0] < ck._clear(n) - 1 < r[-1]) and x.dtype == np.float32
+    with mpmath.workdps(40):
+        want = np.array(
+            [float(mpmath.log1p((n - 1) * mpmath.exp(-mpmath.mpf(float(v))))) for v in a]
+        )
+    lse = np.empty(rows)
+    assert ck.logsumexp_rows(x, lse, 0, rows, 1.0)
+    log_p = np.empty((rows, n))
+    assert ck.log_softmax_rows(x, log_p, 0, rows, 1.0)
+    loss = np.empty(rows)
+    target = np.zeros(rows, np.int64)
+    grad = np.empty((rows, n), np.float32)
+    no_weight = np.empty(0)
+    args = (target, no_weight, -100, 0.0, 1.0, 0.0, 0.0)
+    assert ck.cross_entropy_rows(x, loss, 0, rows, *args, grad, 1.0)
+    for name, got in [("logsumexp", lse), ("log_softmax", -log_p[:, 0]), ("loss", loss)]:
+        np.testing.assert_allclose(got, want, rtol=1e-9, atol=0, err_msg=name)
+
+
 def test_tanh_and_its_slope_against_mpmath():
     """The soft-cap's tanh and ``1 - tanh**2`` (the kernels' own, which vectorise) to a
     relative 1e-9 of 50-digit mpmath on both sides of the switch between the series
