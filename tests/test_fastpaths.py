@@ -115,6 +115,27 @@ def test_switch_is_read_at_each_call(monkeypatch):
     assert _env.flag(name) and not _env.flag(name, "2")
 
 
+def test_either_switch_is_read_at_each_call(monkeypatch):
+    """The pair of switches the fast paths read at each call (``_env.either``, whose
+    closure holds the environment's dictionary): each one alone, both, neither, after
+    changes through os.environ made after the closure was."""
+    from stablemath._lib import _env
+
+    one, two = "STABLEMATH_TEST_ONE", "STABLEMATH_TEST_TWO"
+    for name in (one, two):
+        monkeypatch.delenv(name, raising=False)
+    either = _env.either(one, two)
+    seen = [either()]
+    for a, b in [("1", None), (None, "1"), ("1", "1"), ("0", "2"), (None, None)]:
+        for name, value in ((one, a), (two, b)):
+            if value is None:
+                monkeypatch.delenv(name, raising=False)
+            else:
+                monkeypatch.setenv(name, value)
+        seen.append(either())
+    assert seen == [False, True, True, True, False, False]
+
+
 @pytest.mark.parametrize("func", FUNCS)
 def test_paths_agree(fb, func, monkeypatch):
     """Same values on both paths, to within an ulp of float32 (both are within an ulp
