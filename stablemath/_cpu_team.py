@@ -40,7 +40,16 @@ from numba.extending import intrinsic
 
 from . import _cpu_kernels as ck
 
-__all__ = ["MEAN", "NONE", "SMALL", "SUM", "at_address", "available", "run_rows"]
+__all__ = [
+    "MEAN",
+    "NONE",
+    "SMALL",
+    "SMALL_CROSS_ENTROPY",
+    "SUM",
+    "at_address",
+    "available",
+    "run_rows",
+]
 
 _SLOTS = 18  # int64 words of the argument block
 # block layout, all kernels: the counter's address (words 0 and 1: next row, failed),
@@ -198,7 +207,15 @@ def _cfunc(kernel: Any, element: Any) -> Any:
 
 # --- small tensors: on the calling thread, the rows read at their address ---------------
 
-SMALL = 2 * ck._MIN_PARALLEL  # elements: fewer run on the calling thread (run_rows)
+# Elements: softmax, log_softmax and logsumexp of fewer run on the calling thread
+# (run_rows), cross-entropy of fewer than SMALL_CROSS_ENTROPY. Handing 65536 to 131072
+# elements to the team took 0.70-0.87 of the time on the calling thread for the
+# normalisers, but 1.02-1.2 for cross-entropy (forward, and with the gradient) below
+# 120 rows of 1000: its argument block costs more to build, and its rows more to hand
+# out in unequal blocks (70x1000, 100x1000, 127x1000, 4x20000, 2x60000 float32,
+# torch's 2 threads, medians of 11 interleaved rounds).
+SMALL = ck._MIN_PARALLEL
+SMALL_CROSS_ENTROPY = 2 * ck._MIN_PARALLEL
 
 
 def _at_address(kernel: Any, element: Any) -> Any:
@@ -266,7 +283,8 @@ def at_address(kernel: Any, element: Any) -> Any:
     None: a target out of range, a mean over no kept sample, a row the kernel
     refuses.
 
-    For tensors of fewer than :data:`SMALL` elements, the kernel reads the tensor's
+    For tensors of fewer than :data:`SMALL` (:data:`SMALL_CROSS_ENTROPY`) elements,
+    which :func:`run_rows` runs on the calling thread, the kernel reads the tensor's
     memory from ``Tensor.data_ptr()`` (0.07 us) instead of a NumPy view
     (``Tensor.numpy()``, 0.6 us, a quarter of the call overhead of a 1x10 softmax).
     Compiled at first use, like :func:`_cfunc`."""
@@ -366,7 +384,8 @@ def run_rows(kernel: Any, x: np.ndarray, out: np.ndarray, *params: Any) -> bool:
     """:func:`stablemath._cpu_kernels.run_rows` on torch's threads (as many as
     ``torch.get_num_threads()``); on stablemath's own pool where :func:`available` is
     False, and on the calling thread alone for small arrays."""
-    if x.size < SMALL:  # first, and directly: a 1x10 call pays no more
+    small = SMALL_CROSS_ENTROPY if kernel is ck.cross_entropy_rows else SMALL
+    if x.size < small:  # first, and directly: a 1x10 call pays no more
         return bool(kernel(x, out, 0, x.shape[0], *params))
     gomp = _find()
     if not gomp:

@@ -479,7 +479,7 @@ def _torch_small_cross_entropy(
         return _NOT_SMALL
     n = shape[-1]
     size = x.numel()
-    if not n or size >= team.SMALL or not x.is_contiguous():
+    if not n or size >= team.SMALL_CROSS_ENTROPY or not x.is_contiguous():
         return _NOT_SMALL
     dtype = x.dtype
     run = _AT.get(("cross_entropy", dtype)) or _at_address("cross_entropy", dtype)
