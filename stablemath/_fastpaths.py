@@ -372,6 +372,10 @@ def _precomputed_grad() -> Any:
                 return gx, None
             if upstream.ndim:
                 upstream = upstream.unsqueeze(ctx.axis)
+            elif upstream.item() == 1.0:
+                # loss.backward() of the reduced loss: the buffer is the gradient as it
+                # is, with no pass to multiply it by 1
+                return grad, None
             # in place, and no reference kept: autograd can take the buffer as x.grad
             # (autograd rounds a float32 gradient to the dtype of half-precision logits)
             return grad.mul_(upstream), None
