@@ -534,7 +534,7 @@ def _edge_cross_entropy(
         loss = (1.0 - smoothing) * loss + smoothing * acc / n
     zl = 0.0  # 2 z L where L is finite
     if z > 0.0:
-        m = ck._row_max(x[0])  # (NaN only for a row of NaN)
+        m = ck._row_max(x[0])  # (NaN or finite for a row with a NaN, whose loss is NaN)
         lse = m * inv_t  # +-inf for a +-inf maximum
         if math.isfinite(m):
             for c in range(n):

@@ -141,6 +141,83 @@ def test_the_maximum_is_found_wherever_it_lies(n):
     np.testing.assert_allclose(p, np.exp(x64 - ref[:, None]), rtol=3e-7, atol=1e-30)
 
 
+def _row_maxima(rows: np.ndarray) -> np.ndarray:
+    import numba
+
+    @numba.njit
+    def run(rows, out):
+        for i in range(rows.shape[0]):
+            out[i] = ck._row_max(rows[i])
+
+    out = np.empty(rows.shape[0])
+    run(rows, out)
+    return out
+
+
+# each element type with the float32 values of its bits
+_ELEMENTS = {
+    "float64": lambda v: (v.astype(np.float64), v.astype(np.float64)),
+    "float32": lambda v: (v, v),
+    # bfloat16 bits: the top halves of the float32 numbers, whose low halves are cleared
+    "bfloat16": lambda v: (
+        (v.view(np.uint32) >> 16).astype(np.uint16),
+        (v.view(np.uint32) & 0xFFFF0000).view(np.float32),
+    ),
+    "float16": lambda v: (_half(v).view(np.int16), _half(v)),
+}
+
+
+def _half(v: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):  # to +-inf beyond float16's range
+        return v.astype(np.float16)
+
+
+@pytest.mark.parametrize("element", list(_ELEMENTS))
+@pytest.mark.parametrize("n", [1, 2, 31, 32, 33, 1000])
+def test_the_row_maximum_of_every_sign_and_element_type(element, n):
+    """The row maximum (taken on the elements' bits, as integers) is the largest
+    value for rows all negative, all positive and mixed, with zeros of both signs,
+    infinities, subnormals and values of the largest magnitudes: NumPy's maximum of
+    the same values. A row with a NaN gives NaN or the maximum of its other entries
+    (by the NaN's sign), and NaN where the NaN's sign bit is clear."""
+    if element == "float16" and not ck.FLOAT16_CONVERSIONS:
+        pytest.fail("this CPU has no float16 conversions: the test needs one that has")
+    rng = np.random.default_rng(n)
+    base = np.ldexp(rng.uniform(1.0, 2.0, (12, n)), rng.integers(-140, 120, (12, n)))
+    base = base.astype(np.float32)
+    rows = np.stack(
+        [
+            -base[0],
+            base[1],
+            base[2] * rng.choice([-1.0, 1.0], n).astype(np.float32),
+            np.where(rng.random(n) < 0.5, np.float32(-0.0), -base[3]),
+            np.where(rng.random(n) < 0.5, np.float32(0.0), -base[4]),
+            np.full(n, -0.0, np.float32),
+            np.full(n, -np.inf, np.float32),
+            np.where(rng.random(n) < 0.5, -np.inf, -base[5]).astype(np.float32),
+            np.where(rng.random(n) < 0.3, np.inf, base[6] * -1).astype(np.float32),
+            -base[7] * np.float32(2.0**-126),  # subnormal and zero
+            base[8] * np.float32(2.0**-130) * rng.choice([-1.0, 1.0], n).astype(np.float32),
+            -np.abs(base[9]).clip(6e4, None),  # beyond float16 for float16: -inf
+        ]
+    )
+    # every row's maximum (and minimum) at each end as well
+    rows[:, -1] = np.where(rng.random(12) < 0.5, rows[:, -1], rows[:, 0])
+    bits, values = _ELEMENTS[element](rows)
+    got = _row_maxima(bits)
+    want = np.max(values.astype(np.float64), axis=1)
+    np.testing.assert_array_equal(got, want)
+
+    nan = np.array([np.nan, -np.nan], np.float32)
+    rows_nan = np.repeat(rows[:4], 2, axis=0)
+    rows_nan[np.arange(8), rng.integers(0, n, 8)] = np.tile(nan, 4)
+    bits, values = _ELEMENTS[element](rows_nan)
+    got = _row_maxima(bits)
+    rest = np.nanmax(values.astype(np.float64), axis=1) if n > 1 else np.full(8, np.nan)
+    assert np.all(np.isnan(got) | (got == rest))
+    assert np.all(np.isnan(got[::2]))  # NaN with the sign bit clear
+
+
 def test_temperature_and_float64_output():
     """inv_t scales the shifted row; a float64 output (for float16 inputs) carries the
     unrounded result."""
