@@ -208,14 +208,15 @@ def _cfunc(kernel: Any, element: Any) -> Any:
 # --- small tensors: on the calling thread, the rows read at their address ---------------
 
 # Elements: softmax, log_softmax and logsumexp of fewer run on the calling thread
-# (run_rows), cross-entropy of fewer than SMALL_CROSS_ENTROPY. Handing 65536 to 131072
-# elements to the team took 0.70-0.87 of the time on the calling thread for the
-# normalisers, but 1.02-1.2 for cross-entropy (forward, and with the gradient) below
-# 120 rows of 1000: its argument block costs more to build, and its rows more to hand
-# out in unequal blocks (70x1000, 100x1000, 127x1000, 4x20000, 2x60000 float32,
-# torch's 2 threads, medians of 11 interleaved rounds).
-SMALL = ck._MIN_PARALLEL
-SMALL_CROSS_ENTROPY = 2 * ck._MIN_PARALLEL
+# (run_rows), cross-entropy of fewer than SMALL_CROSS_ENTROPY. Where the team's turn
+# costs about 3 us (the argument block built in compiled code, see _launch_normaliser),
+# it pays from about 40000 elements for the normalisers: a softmax of 32x1000 float32
+# took 1.12 of the time on the calling thread, 48x1000 0.80, 64x1000 0.72; and from
+# 64000 for cross-entropy, whose rows are handed out in unequal blocks: 64x1000 0.95,
+# 100x1000 0.92, 127x1000 0.79 (torch's 2 threads, interleaved with torch.softmax
+# and F.cross_entropy, medians of 600 rounds).
+SMALL = 40 << 10
+SMALL_CROSS_ENTROPY = 64 << 10
 
 
 def _at_address(kernel: Any, element: Any) -> Any:
@@ -296,38 +297,86 @@ def at_address(kernel: Any, element: Any) -> Any:
     return at
 
 
-def _block(kernel: Any, x: np.ndarray, out: np.ndarray, params: tuple[Any, ...]) -> Any:
-    """The argument block of ``kernel(x, out, r0, r1, *params)``, and the counter."""
+@intrinsic
+def _gomp_parallel(typingctx: Any, gomp: Any, fn: Any, data: Any, threads: Any) -> Any:
+    """``GOMP_parallel(fn, data, threads, 0)`` through the function at the address
+    ``gomp`` (all four arguments int64)."""
+    sig = types.void(types.int64, types.int64, types.int64, types.int64)
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        i8p = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        fnty = ir.FunctionType(ir.VoidType(), [i8p, i8p, i32, i32])
+        callee = builder.inttoptr(args[0], fnty.as_pointer())
+        fn, data = (builder.inttoptr(v, i8p) for v in args[1:3])
+        builder.call(callee, [fn, data, builder.trunc(args[3], i32), ir.Constant(i32, 0)])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+# The argument block is built, and GOMP_parallel called, in compiled code: from Python
+# (NumPy's zeros, .ctypes.data of each array, ctypes' call) that took 5.5-7.5 us of a
+# call, 0.15 of a 70x1000 float32 softmax on the team; compiled, 1.5 us. nogil, as
+# ctypes' call was: other Python threads run while the team works.
+
+
+@numba.njit(nogil=True, cache=True)
+def _start(x: Any, out: Any) -> tuple[Any, Any, Any]:
+    """The counter and the argument block (as int64 and float64 words) with the
+    words every kernel reads."""
     counter = np.zeros(2, np.int64)
     a = np.zeros(_SLOTS, np.int64)
-    f = a.view(np.float64)
     rows, n = x.shape
-    a[:6] = (
-        counter.ctypes.data,
-        max(1, ck._BLOCK // max(1, n)),
-        rows,
-        n,
-        x.ctypes.data,
-        out.ctypes.data,
-    )
-    if kernel is ck.cross_entropy_rows:
-        target, weight, ignore_index, smoothing, inv_t, z, cap, grad, scale = params
-        a[6:13] = (
-            target.ctypes.data,
-            weight.ctypes.data,
-            weight.shape[0],
-            ignore_index,
-            grad.ctypes.data,
-            *grad.shape,
-        )
-        f[13], f[14], f[15], f[16], f[17] = smoothing, inv_t, z, scale, cap
-    else:
-        a[6] = out.dtype == np.float64
-        f[7] = params[0]
-    return a, counter
+    a[_COUNTER] = counter.ctypes.data
+    a[_STEP] = max(1, ck._BLOCK // max(1, n))
+    a[_ROWS] = rows
+    a[_N] = n
+    a[_X] = x.ctypes.data
+    a[_OUT] = out.ctypes.data
+    return counter, a, a.view(np.float64)
 
 
-_GOMP: Any = None  # GOMP_parallel of torch's runtime; False where it is not for use
+@numba.njit(nogil=True, cache=True)
+def _launch_normaliser(gomp: int, fn: int, x: Any, out: Any, param: float, threads: int) -> bool:
+    """softmax, log_softmax or logsumexp (``fn``'s) on the team: ``param`` is inv_t."""
+    counter, a, f = _start(x, out)
+    a[6] = 1 if out.itemsize == 8 else 0  # a float64 out
+    f[7] = param
+    _gomp_parallel(gomp, fn, a.ctypes.data, threads)
+    return counter[1] == 0
+
+
+@numba.njit(nogil=True, cache=True)
+def _launch_cross_entropy(
+    gomp: int,
+    fn: int,
+    x: Any,
+    loss: Any,
+    target: Any,
+    weight: Any,
+    ignore_index: int,
+    smoothing: float,
+    inv_t: float,
+    z: float,
+    cap: float,
+    grad: Any,
+    scale: float,
+    threads: int,
+) -> bool:
+    counter, a, f = _start(x, loss)
+    a[6] = target.ctypes.data
+    a[7] = weight.ctypes.data
+    a[8] = weight.shape[0]
+    a[9] = ignore_index
+    a[10] = grad.ctypes.data
+    a[11], a[12] = grad.shape
+    f[13], f[14], f[15], f[16], f[17] = smoothing, inv_t, z, scale, cap
+    _gomp_parallel(gomp, fn, a.ctypes.data, threads)
+    return counter[1] == 0
+
+
+_GOMP: Any = None  # the address of GOMP_parallel of torch's runtime; False: not for use
 
 
 def _find() -> Any:
@@ -340,9 +389,7 @@ def _find() -> Any:
                 fn = ctypes.CDLL(path).GOMP_parallel
             except (OSError, AttributeError):
                 return False
-            fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
-            fn.restype = None
-            _GOMP = fn
+            _GOMP = ctypes.cast(fn, ctypes.c_void_p).value  # its address
     return _GOMP
 
 
@@ -393,6 +440,7 @@ def run_rows(kernel: Any, x: np.ndarray, out: np.ndarray, *params: Any) -> bool:
     threads = sys.modules["torch"].get_num_threads()
     if threads <= 1:
         return bool(kernel(x, out, 0, x.shape[0], *params))
-    a, counter = _block(kernel, x, out, params)
-    gomp(_cfunc(kernel, x.dtype.type), a.ctypes.data, threads, 0)
-    return not counter[1]
+    fn = _cfunc(kernel, x.dtype.type)
+    if kernel is ck.cross_entropy_rows:
+        return bool(_launch_cross_entropy(gomp, fn, x, out, *params, threads))
+    return bool(_launch_normaliser(gomp, fn, x, out, *params, threads))
