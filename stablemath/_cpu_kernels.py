@@ -974,14 +974,25 @@ def target_total(target: Any, weight: Any, ignore_index: int, n: int) -> float:
 
 # --- threads ------------------------------------------------------------------------------
 
-# Below this many elements one thread does the whole array: handing rows to the pool
-# costs some tens of microseconds. Larger arrays are cut into blocks of about _BLOCK
+# Below _MIN_PARALLEL elements one thread does the whole array: handing rows to other
+# threads costs some microseconds. Larger arrays are cut into blocks of about _BLOCK
 # elements that the threads take one after the other, so that a thread slowed down
 # (torch's OpenMP workers keep spinning on the cores for a while after each torch op:
 # right after torch.softmax a static half-and-half split took 6.6 ms where it takes
-# 3.5 ms alone, 4096x1000) does fewer blocks instead of holding up the others.
+# 3.5 ms alone, 4096x1000) does fewer blocks instead of holding up the others. These
+# two are for compiled thread teams (XLA's pool, torch's OpenMP team).
 _MIN_PARALLEL = 1 << 16
 _BLOCK = 1 << 15
+# stablemath's own pool of Python threads (NumPy arrays; torch tensors where torch's
+# team is not for use) costs more: a job handed to a sleeping pool thread and back took
+# 86 us on the 2-core VM, and each block goes back to Python, under the GIL, between
+# kernel calls. So it takes arrays from _POOL_FROM elements, in blocks of _POOL_BLOCK:
+# from 2 _MIN_PARALLEL in blocks of _BLOCK a float32 softmax on the pool took 2.59
+# times the time of one thread at 140x1000, 1.37 at 300x1000, 0.94 at 1000x1000 and
+# 0.70 at 4096x1000; with these, 1 (one thread), 0.94, 0.71 and 0.59 (medians of 60
+# interleaved calls).
+_POOL_FROM = 1 << 18
+_POOL_BLOCK = 1 << 17
 _POOL: ThreadPoolExecutor | None = None
 
 
@@ -1017,14 +1028,14 @@ def run_rows(kernel: Any, x: np.ndarray, out: np.ndarray, *params: Any) -> bool:
     the kernels."""
     global _POOL
     rows = x.shape[0]
-    if x.size < 2 * _MIN_PARALLEL:
+    if x.size < _POOL_FROM:
         return bool(kernel(x, out, 0, rows, *params))
-    parts = min(_threads(), rows, x.size // _MIN_PARALLEL)
+    parts = min(_threads(), rows, x.size // _POOL_BLOCK)
     if parts <= 1:
         return bool(kernel(x, out, 0, rows, *params))
     if _POOL is None:
         _POOL = ThreadPoolExecutor(max_workers=_threads(), thread_name_prefix="stablemath")
-    step = max(1, min(rows // parts, _BLOCK // max(1, x.shape[1])))
+    step = max(1, min(rows // parts, _POOL_BLOCK // max(1, x.shape[1])))
     starts = iter(range(0, rows, step))  # next() on it is atomic under the GIL
     failed = []
 

@@ -69,12 +69,20 @@ def _rows(shape, seed=0):
     return x
 
 
+@pytest.fixture(autouse=True)
+def _small_pool_blocks(monkeypatch):
+    """The pool takes the 203x700 arrays below, in blocks of 5 rows (it takes none of
+    fewer than 2**18 elements, in blocks of 2**17, outside the tests)."""
+    monkeypatch.setattr(ck, "_POOL_FROM", 1 << 14)
+    monkeypatch.setattr(ck, "_POOL_BLOCK", 1 << 12)
+
+
 @pytest.mark.parametrize("func", list(KERNELS))
 def test_rows_split_over_threads_give_the_same_bits(func, monkeypatch):
     """run_rows on an array big enough to be split equals one call over all rows."""
     kernel, reduce = KERNELS[func]
     x = _rows((203, 700))  # 142100 elements: more than one part
-    assert min(ck._threads(), x.shape[0], x.size // ck._MIN_PARALLEL) > 1 or ck._threads() == 1
+    assert x.size >= ck._POOL_FROM and x.size // ck._POOL_BLOCK > 1
     whole = np.empty(x.shape[0] if reduce else x.shape, np.float32)
     assert kernel(x, whole, 0, x.shape[0], 1.0)
     monkeypatch.setattr(ck, "_threads", lambda: 3)  # an uneven split, whatever the machine
@@ -401,6 +409,7 @@ import os, signal, sys
 import numpy as np
 from stablemath import _cpu_kernels as ck
 ck._THREADS = max(ck._THREADS, 2)
+ck._POOL_FROM, ck._POOL_BLOCK = 1 << 14, 1 << 12
 x = np.random.default_rng(0).standard_normal((203, 700)).astype(np.float32)
 out = np.empty_like(x)
 assert ck.run_rows(ck.softmax_rows, x, out, 1.0)  # the parent's pool now exists
