@@ -385,33 +385,20 @@ def _signed_bits(row: Any) -> Any:
     raise NotImplementedError  # compiled only, see the overload
 
 
+# the signed integers of each element width, in bytes
+_SIGNED = {8: np.int64, 4: np.int32, 2: np.int16}
+
+
 @overload(_signed_bits, inline="always")
 def _signed_bits_impl(row: Any) -> Any:
-    if row.dtype == types.float64:
+    signed = _SIGNED.get(row.dtype.bitwidth // 8)
+    if signed is None:
+        return None
 
-        def of_float64(row: Any) -> Any:
-            return row.view(np.int64)
+    def as_signed(row: Any) -> Any:
+        return row.view(signed)
 
-        return of_float64
-    if row.dtype == types.float32:
-
-        def of_float32(row: Any) -> Any:
-            return row.view(np.int32)
-
-        return of_float32
-    if row.dtype == types.uint16:
-
-        def of_bfloat16(row: Any) -> Any:
-            return row.view(np.int16)
-
-        return of_bfloat16
-    if row.dtype == types.int16:
-
-        def of_float16(row: Any) -> Any:
-            return row
-
-        return of_float16
-    return None
+    return as_signed
 
 
 def _real_of_bits(b: Any, row: Any) -> Any:
@@ -433,19 +420,14 @@ def _real_of_bits_impl(b: Any, row: Any) -> Any:
             return _float32_from_bits(np.int32(b))
 
         return float32_of
-    if row.dtype == types.uint16:
+    if row.dtype not in (types.uint16, types.int16):
+        return None
+    element = np.uint16 if row.dtype == types.uint16 else np.int16
 
-        def bfloat16_of(b: Any, row: Any) -> Any:
-            return _float32_of_bfloat16(np.uint16(b))
+    def half_of(b: Any, row: Any) -> Any:  # half precision bits, widened by _real
+        return _real(element(b))
 
-        return bfloat16_of
-    if row.dtype == types.int16:
-
-        def float16_of(b: Any, row: Any) -> Any:
-            return _float32_of_float16(np.int16(b))
-
-        return float16_of
-    return None
+    return half_of
 
 
 @numba.njit(fastmath=_SUM, cache=True, error_model="numpy")

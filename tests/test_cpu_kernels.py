@@ -92,7 +92,7 @@ def test_rows_split_over_threads_give_the_same_bits(func, monkeypatch):
 
 
 @pytest.mark.parametrize("func", list(KERNELS))
-@pytest.mark.parametrize("bad", [math.inf, -math.inf, math.nan])
+@pytest.mark.parametrize("bad", [math.inf, -math.inf, math.nan, -math.nan], ids=str)
 @pytest.mark.parametrize("where", [0, 101, 202])
 @pytest.mark.parametrize("col", [0, 7, 699])
 def test_a_row_for_the_generic_kernel_is_reported_from_any_part(
@@ -100,7 +100,8 @@ def test_a_row_for_the_generic_kernel_is_reported_from_any_part(
 ):
     """A row with a NaN, or whose maximum is +-inf, makes the run return False, in
     whichever thread's part it lies; a NaN anywhere in the row (first, inside, or in
-    the tail after the SIMD loop), although the row maximum passes over NaN."""
+    the tail after the SIMD loop), of either sign: the row maximum passes over a NaN
+    whose sign bit is set, which the sum then catches."""
     kernel, reduce = KERNELS[func]
     monkeypatch.setattr(ck, "_threads", lambda: 3)
     x = _rows((203, 700))
@@ -108,6 +109,7 @@ def test_a_row_for_the_generic_kernel_is_reported_from_any_part(
         x[where, :] = bad
     else:
         x[where, col] = bad
+        assert np.signbit(x[where, col]) == (math.copysign(1.0, bad) < 0)
     out = np.empty(x.shape[0] if reduce else x.shape, np.float32)
     assert not ck.run_rows(kernel, x, out, 1.0)
 
