@@ -486,6 +486,36 @@ def test_cross_entropy_kernel_gradient(tb, kw, axis, generic_ce_calls, monkeypat
     assert generic_ce_calls == []
 
 
+@pytest.mark.parametrize("shape", [(1, 10), (300, 200)])
+@pytest.mark.parametrize("c_apply", [True, False])
+def test_the_gradient_is_attached_with_or_without_torchs_c_apply(
+    tb, shape, c_apply, generic_ce_calls, monkeypatch
+):
+    """The kernel's loss and gradient are attached by torch's C ``apply`` (the
+    method beneath ``Function.apply``) on the small and the larger path; a torch
+    without that method gets ``Function.apply``, with the same results."""
+    torch = tb.module
+    monkeypatch.delenv(_fastpaths.DISABLE_ENV, raising=False)
+    monkeypatch.setattr(_fastpaths, "_PRECOMPUTED", None)
+    if not c_apply:
+        monkeypatch.delattr(torch._C, "_FunctionBase")
+    gen = torch.Generator().manual_seed(2)
+    x = (torch.randn(*shape, generator=gen) * 3).requires_grad_(True)
+    t = torch.randint(0, shape[1], shape[:1], generator=gen)
+    loss = sm.cross_entropy(x, t)
+    (got,) = torch.autograd.grad(loss, x)
+    apply = _fastpaths._PRECOMPUTED
+    assert type(loss.grad_fn).__name__ == "PrecomputedGradBackward"
+    python_apply = getattr(apply, "__func__", None) is torch.autograd.Function.apply.__func__
+    assert python_apply != c_apply
+    x64 = x.detach().double().requires_grad_(True)
+    want = torch.nn.functional.cross_entropy(x64, t)
+    (want_grad,) = torch.autograd.grad(want, x64)
+    np.testing.assert_allclose(loss.detach().numpy(), want.detach().numpy(), rtol=2e-7)
+    np.testing.assert_allclose(got.numpy(), want_grad.numpy(), rtol=1e-6, atol=1e-8)
+    assert generic_ce_calls == []
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("grad", [False, True])
 def test_half_precision_cross_entropy_on_the_kernel(
