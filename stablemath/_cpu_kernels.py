@@ -25,8 +25,10 @@ docstring of :mod:`stablemath._fastpaths`.
 
 The kernels are compiled at their first use and cached on disk (Numba's ``cache=True``:
 ``__pycache__`` beside this file, or ``NUMBA_CACHE_DIR``). On the 2-core VM the first
-softmax of a fresh install took 0.9 s (log_softmax 0.4, logsumexp 0.1, cross-entropy
-0.5 more); a new process then pays 0.35 s once, to import Numba and load the cache.
+softmax of a fresh install took 1.8 s (log_softmax 1.7, logsumexp 0.15, cross-entropy
+4.8 more; float32 300x500 NumPy arrays, each kernel compiled for rows in cache and
+rows from memory, see "Memory" below); a new process then pays 0.3 s once, to import
+Numba and load the cache.
 For torch tensors, the function that runs a kernel on torch's threads
 (:mod:`stablemath._cpu_team`) is compiled at the first use of that kernel as well: the
 first softmax of a torch tensor in a fresh install took 2.7 s, in a new process 0.6 s.
@@ -457,73 +459,76 @@ def _row_max(row: Any) -> float:
     return np.float64(_real_of_bits(hi if hi >= 0 else lo, row))
 
 
-def _prefetcher(write: int) -> Any:
-    """An intrinsic ``prefetch(row, j)``: a hint to bring the cache line of ``row[j]``
-    in, for reading (``write = 0``) or for writing (1); no fault for any address."""
+@intrinsic
+def _prefetch(typingctx: Any, row: Any, j: Any) -> Any:
+    """``_prefetch(row, j)``: a hint to bring the cache line of ``row[j]`` in for
+    reading; no fault for any address."""
+    sig = types.void(row, types.intp)
 
-    @intrinsic
-    def prefetch(typingctx: Any, row: Any, j: Any) -> Any:
-        sig = types.void(row, types.intp)
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        aryty = signature.args[0]
+        ary = context.make_array(aryty)(context, builder, args[0])
+        ptr = cgutils.get_item_pointer(context, builder, aryty, ary, [args[1]])
+        i8p = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0i8")
+        # (address, read, locality 3: keep in all caches, data cache)
+        hint = [ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)]
+        builder.call(fn, [builder.bitcast(ptr, i8p), *hint])
+        return context.get_dummy_value()
 
-        def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-            aryty = signature.args[0]
-            ary = context.make_array(aryty)(context, builder, args[0])
-            ptr = cgutils.get_item_pointer(context, builder, aryty, ary, [args[1]])
-            i8p = ir.IntType(8).as_pointer()
-            i32 = ir.IntType(32)
-            fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
-            fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0i8")
-            # (address, read or write, locality 3: keep in all caches, data cache)
-            hint = [ir.Constant(i32, write), ir.Constant(i32, 3), ir.Constant(i32, 1)]
-            builder.call(fn, [builder.bitcast(ptr, i8p), *hint])
-            return context.get_dummy_value()
-
-        return sig, codegen
-
-    return prefetch
+    return sig, codegen
 
 
-_prefetch_read = _prefetcher(0)
-_prefetch_write = _prefetcher(1)
-
-# How much of a row the kernels ask the cache for ahead of its use: the start of the
-# next row to read, the start of the row to write. A kernel reads a row several times
-# (the maximum, the exponentials, the output), first from memory, and writes its
-# output row once, after the exponentials; the hardware's own prefetch follows each
-# stream only after its first misses. Asked for while the current row's exponentials
-# are computed, the next row's first 16 KiB and the output row's are in cache by the
-# time they are used: a softmax of 4096x1000 float32 took 0.87 of the time (one
-# thread, median of 40 interleaved runs); longer rows gained nothing from more.
+# Memory, and how the kernels overlap it with their arithmetic. A kernel reads a row
+# several times (the maximum, the exponentials, the output), first from memory, and
+# writes its output row once at the end. Two measures keep the memory traffic under
+# the exponentials, the one pass whose time is arithmetic:
+# - the next row is asked for (its first 16 KiB, _ask_for_next) at the start of each
+#   row: a softmax of 4096x1000 float32 took 0.87 of the time (one thread, median of
+#   40 interleaved runs); longer rows gained nothing from more;
+# - the pass of the exponentials also writes to the output row (or the gradient's)
+#   each exponential (log_softmax: each shifted value), rounded, which the last pass
+#   then overwrites: the stores that make each of
+#   its cache lines the core's own (read from memory first) are made while the
+#   exponentials are computed, where the last pass, with little arithmetic, waited for
+#   them. A prefetch of the output row for writing, at the start of each row, did the
+#   same less well. ``benchmarks/run.py --ops softmax,log_softmax,ce_fwdbwd --providers
+#   sm-torch,torch --shapes 256x32000,4096x1000,512x1000 --dtypes float32``, time as a
+#   ratio to torch's, four runs each, interleaved with a tree that prefetched instead:
+#   softmax 4096x1000 1.22-1.24 -> 1.14-1.18, 256x32000 1.25-1.47 -> 1.32-1.36;
+#   log_softmax 4096x1000 1.15-1.21 -> 1.03-1.10, 256x32000 0.93-1.27 -> 0.91-1.02;
+#   cross-entropy forward and backward 256x32000 0.34-0.41 -> 0.32-0.38, 4096x1000 the
+#   same; 512x1000, in cache (neither measure), the same. One thread, a softmax of
+#   4096x1000 float32 took 0.75-0.77 ns an element instead of 0.76-0.80, a log_softmax
+#   0.76-0.80 instead of 0.83-0.84. So an output must not overlap its input.
 _AHEAD_BYTES = 1 << 14
-# Below this size of the input, which then stays in the caches between calls, the
-# prefetches only cost: a softmax of 512x1000 float32 took 1.09 times the time with
-# them, 8x1000 1.06 (one thread).
+# Below this size of the input, which then stays in the caches between calls, both
+# measures only cost: a softmax of 512x1000 float32 took 1.09 times the time with the
+# prefetches, 8x1000 1.06; with the output written with the exponentials, a softmax
+# of 64x1000 1.03, of 8x8000 1.12, a log_softmax 1.07 and 1.10 (one thread).
 _AHEAD_FROM = 1 << 22
 
 
 @numba.njit(fastmath=_EXACT, cache=True, error_model="numpy")
-def _ask_for_row(row: Any, write: bool) -> None:
-    """Prefetch the first :data:`_AHEAD_BYTES` of a C-contiguous row, one cache line
-    (64 bytes) at a time, for writing or for reading."""
-    size = row.itemsize
-    for j in range(0, min(row.shape[0], _AHEAD_BYTES // size), 64 // size):
-        if write:
-            _prefetch_write(row, j)
-        else:
-            _prefetch_read(row, j)
+def _from_memory(x: Any) -> bool:
+    """Whether the rows ``x`` have at least :data:`_AHEAD_FROM` bytes: the kernels'
+    measures for memory (above) are for them."""
+    return x.shape[0] * x.shape[1] * x.itemsize >= _AHEAD_FROM
 
 
 @numba.njit(fastmath=_EXACT, cache=True, error_model="numpy")
-def _ask_for_rows(x: Any, out: Any, i: int, r1: int) -> None:
-    """Before the work on row ``i`` of ``[r0, r1)``: prefetch ``out``'s row ``i`` for
-    writing (none for a one-dimensional or empty ``out``) and ``x``'s next row for
-    reading; nothing where ``x`` has fewer than :data:`_AHEAD_FROM` bytes."""
-    if x.shape[0] * x.shape[1] * x.itemsize < _AHEAD_FROM:
+def _ask_for_next(x: Any, i: int, r1: int) -> None:
+    """Before the work on row ``i`` of ``[r0, r1)``: prefetch the first
+    :data:`_AHEAD_BYTES` of ``x``'s next row, one cache line (64 bytes) at a time;
+    nothing where :func:`_from_memory` is False."""
+    if not _from_memory(x) or i + 1 >= r1:
         return
-    if out.ndim == 2 and i < out.shape[0]:
-        _ask_for_row(out[i], True)
-    if i + 1 < r1:
-        _ask_for_row(x[i + 1], False)
+    row = x[i + 1]
+    size = row.itemsize
+    for j in range(0, min(row.shape[0], _AHEAD_BYTES // size), 64 // size):
+        _prefetch(row, j)
 
 
 @numba.njit(fastmath=_EXACT, cache=True, error_model="numpy")
@@ -536,14 +541,38 @@ def _scale_into(out: Any, e: Any, f: float) -> None:
         _put(out, j, e[j] * f)
 
 
+def _touch(o: Any, j: Any, value: Any) -> None:
+    """``o[j] = value`` rounded to ``o``'s elements (:func:`_put`), where ``o`` is an
+    output row that a later pass overwrites (see "Memory" above); nothing for ``o =
+    None``."""
+
+
+@overload(_touch, inline="always")
+def _touch_impl(o: Any, j: Any, value: Any) -> Any:
+    if isinstance(o, types.NoneType):
+
+        def nothing(o: Any, j: Any, value: Any) -> None:
+            return None
+
+        return nothing
+
+    def store(o: Any, j: Any, value: Any) -> None:
+        _put(o, j, value)
+
+    return store
+
+
 @numba.njit(fastmath=_SUM, cache=True, error_model="numpy")
-def _row_total(row: Any, m: float, inv_t: float) -> float:
+def _row_total(row: Any, m: float, inv_t: float, o: Any) -> float:
     """``log(sum(exp(d)))`` over the row: ``log(sum)`` where the sum is at least
-    :func:`_clear` of the row's length, else ``log(k) + log1p(s / k)`` from :func:`_split_sum`."""
+    :func:`_clear` of the row's length, else ``log(k) + log1p(s / k)`` from
+    :func:`_split_sum`. The output row ``o`` (or None) is written (:func:`_touch`)."""
     _wide_vectors()
     whole = 0.0
     for j in range(row.shape[0]):
-        whole += _exp_nonpos(_shift(row[j], m, inv_t))
+        d = _shift(row[j], m, inv_t)
+        _touch(o, j, d)
+        whole += _exp_nonpos(d)
     if whole >= _clear(row.shape[0]):
         return math.log(whole)
     k, s = _split_sum(row, m, inv_t)
@@ -566,24 +595,27 @@ def _split_sum(row: Any, m: float, inv_t: float) -> tuple[int, float]:
 
 
 @numba.njit(fastmath=_SUM, cache=True, error_model="numpy")
-def _row_stats(row: Any, inv_t: float) -> tuple[float, float]:
-    """The row's maximum and :func:`_row_total`; the total is NaN for a row that is not
-    for these kernels (a NaN, or a maximum that is not finite)."""
+def _row_stats(row: Any, inv_t: float, o: Any) -> tuple[float, float]:
+    """The row's maximum and :func:`_row_total` (which writes the output row ``o``, or
+    None); the total is NaN for a row that is not for these kernels (a NaN, or a
+    maximum that is not finite)."""
     _wide_vectors()
     m = _row_max(row)
     if not math.isfinite(m):
         return m, math.nan
-    return m, _row_total(row, m, inv_t)
+    return m, _row_total(row, m, inv_t, o)
 
 
 @numba.njit(fastmath=_SUM, cache=True, error_model="numpy")
-def _exps_into(e: Any, row: Any, m: float, inv_t: float) -> float:
-    """``e[j] = exp((row[j] - m) * inv_t)``, and their sum."""
+def _exps_into(e: Any, row: Any, m: float, inv_t: float, o: Any) -> float:
+    """``e[j] = exp((row[j] - m) * inv_t)``, and their sum; the output row ``o`` is
+    written (:func:`_touch`)."""
     _wide_vectors()
     s = 0.0
     for j in range(row.shape[0]):
         v = _exp_nonpos(_shift(row[j], m, inv_t))
         e[j] = v
+        _touch(o, j, v)
         s += v
     return s
 
@@ -598,17 +630,22 @@ def softmax_rows(x: Any, out: Any, r0: int, r1: int, inv_t: float) -> bool:
     _wide_vectors()
     n = x.shape[1]
     e = np.empty(n, dtype=np.float64)
+    touch = _from_memory(x)
     for i in range(r0, r1):
-        _ask_for_rows(x, out, i, r1)
+        _ask_for_next(x, i, r1)
         row = x[i]
+        o = out[i]
         m = _row_max(row)
         if not math.isfinite(m):
             return False
-        # (None: no multiplication, see _shift)
-        s = _exps_into(e, row, m, None) if inv_t == 1.0 else _exps_into(e, row, m, inv_t)
+        # (None: no multiplication, see _shift; no output row written with the sum)
+        if inv_t == 1.0:
+            s = _exps_into(e, row, m, None, o) if touch else _exps_into(e, row, m, None, None)
+        else:
+            s = _exps_into(e, row, m, inv_t, o) if touch else _exps_into(e, row, m, inv_t, None)
         if s != s:
             return False
-        _scale_into(out[i], e, 1.0 / s)
+        _scale_into(o, e, 1.0 / s)
     return True
 
 
@@ -626,13 +663,14 @@ def log_softmax_rows(x: Any, out: Any, r0: int, r1: int, inv_t: float) -> bool:
 def _log_softmax_rows(x: Any, out: Any, r0: int, r1: int, inv_t: float) -> bool:
     _wide_vectors()
     n = x.shape[1]
+    touch = _from_memory(x)
     for i in range(r0, r1):
-        _ask_for_rows(x, out, i, r1)
+        _ask_for_next(x, i, r1)
         row = x[i]
-        m, total = _row_stats(row, inv_t)
+        o = out[i]
+        m, total = _row_stats(row, inv_t, o) if touch else _row_stats(row, inv_t, None)
         if total != total:
             return False
-        o = out[i]
         for j in range(n):
             _put(o, j, _shift(row[j], m, inv_t) - total)
     return True
@@ -644,9 +682,9 @@ def logsumexp_rows(x: Any, out: Any, r0: int, r1: int, inv_t: float) -> bool:
     False as for :func:`softmax_rows`."""
     _wide_vectors()
     for i in range(r0, r1):
-        _ask_for_rows(x, out, i, r1)
+        _ask_for_next(x, i, r1)
         row = x[i]
-        m, total = _row_stats(row, None)  # (inv_t is 1)
+        m, total = _row_stats(row, None, None)  # (inv_t is 1; no output row)
         if total != total:
             return False
         out[i] = m + total
@@ -684,16 +722,17 @@ def _row_loss(
 
 
 @numba.njit(fastmath=_SUM, cache=True, error_model="numpy")
-def _counted_exps_into(e: Any, row: Any, m: float, inv_t: float) -> tuple[int, float]:
+def _counted_exps_into(e: Any, row: Any, m: float, inv_t: float, o: Any) -> tuple[int, float]:
     """``e[j] = exp((row[j] - m) * inv_t)``, and their sum as ``k + s`` with
     ``log(k) + log1p(s / k)`` its logarithm, as in :func:`_row_total`: ``k = 1`` and
     ``s = sum - 1`` where the sum is at least :func:`_clear` of the row's length, else
-    :func:`_split_sum`."""
+    :func:`_split_sum`. The gradient's row ``o`` is written (:func:`_touch`)."""
     _wide_vectors()
     whole = 0.0
     for j in range(row.shape[0]):
         v = _exp_nonpos(_shift(row[j], m, inv_t))
         e[j] = v
+        _touch(o, j, v)
         whole += v
     if whole >= _clear(row.shape[0]):
         return 1, whole - 1.0
@@ -824,8 +863,9 @@ def _cross_entropy_kernel(capped: bool) -> Any:
         wsum = 0.0
         for c in range(n):
             wsum += weight[c] if weighted else 1.0
+        touch = _from_memory(x)
         for i in range(r0, r1):
-            _ask_for_rows(x, grad, i, r1)
+            _ask_for_next(x, i, r1)
             t = target[i]
             if t == ignore_index:
                 out[i] = 0.0
@@ -842,16 +882,20 @@ def _cross_entropy_kernel(capped: bool) -> Any:
                 m = _row_max(row)
                 if not math.isfinite(m):
                     return False
-                # (None: no multiplication, see _shift)
-                if inv_t == 1.0:
-                    k, s = _counted_exps_into(e, row, m, None)
+                # (None: no multiplication, see _shift; no gradient row written)
+                if touch and inv_t == 1.0:
+                    k, s = _counted_exps_into(e, row, m, None, grad[i])
+                elif touch:
+                    k, s = _counted_exps_into(e, row, m, inv_t, grad[i])
+                elif inv_t == 1.0:
+                    k, s = _counted_exps_into(e, row, m, None, None)
                 else:
-                    k, s = _counted_exps_into(e, row, m, inv_t)
+                    k, s = _counted_exps_into(e, row, m, inv_t, None)
                 total = math.log(k) + math.log1p(s / k)
             elif inv_t == 1.0:
-                m, total = _row_stats(row, None)
+                m, total = _row_stats(row, None, None)
             else:
-                m, total = _row_stats(row, inv_t)
+                m, total = _row_stats(row, inv_t, None)
             loss = _row_loss(row, t, m, total, weight, smoothing, inv_t)
             if loss != loss:
                 return False
