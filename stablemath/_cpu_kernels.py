@@ -490,11 +490,10 @@ def _prefetch(typingctx: Any, row: Any, j: Any) -> Any:
 #   40 interleaved runs); longer rows gained nothing from more;
 # - the pass of the exponentials also writes to the output row (or the gradient's)
 #   each exponential (log_softmax: each shifted value), rounded, which the last pass
-#   then overwrites: the stores that make each of
-#   its cache lines the core's own (read from memory first) are made while the
-#   exponentials are computed, where the last pass, with little arithmetic, waited for
-#   them. A prefetch of the output row for writing, at the start of each row, did the
-#   same less well. ``benchmarks/run.py --ops softmax,log_softmax,ce_fwdbwd --providers
+#   then overwrites: the stores that make each of its cache lines the core's own (read
+#   from memory first) are made while the exponentials are computed, where the last
+#   pass, with little arithmetic, waited for them. A prefetch of the output row for
+#   writing, at the start of each row, did the same less well. ``benchmarks/run.py --ops softmax,log_softmax,ce_fwdbwd --providers
 #   sm-torch,torch --shapes 256x32000,4096x1000,512x1000 --dtypes float32``, time as a
 #   ratio to torch's, four runs each, interleaved with a tree that prefetched instead:
 #   softmax 4096x1000 1.22-1.24 -> 1.14-1.18, 256x32000 1.25-1.47 -> 1.32-1.36;

@@ -343,9 +343,10 @@ def _precomputed_grad() -> Any:
     """``apply(x, box)`` of a ``torch.autograd.Function`` whose forward returns a loss
     computed outside torch and whose backward scales the gradient computed with it,
     ``box = (loss, grad, axis, again)``: the upstream gradient multiplies ``grad`` in
-    place (unsqueezed at ``axis`` for per-sample losses). Under ``create_graph``, and for a second backward
-    through a retained graph, the backward is instead ``torch.autograd.grad`` of
-    ``again(x)`` (the same loss in torch's ops), so second derivatives are right too."""
+    place (unsqueezed at ``axis`` for per-sample losses). Under ``create_graph``, and
+    for a second backward through a retained graph, the backward is instead
+    ``torch.autograd.grad`` of ``again(x)`` (the same loss in torch's ops), so second
+    derivatives are right too."""
     global _PRECOMPUTED
     if _PRECOMPUTED is not None:
         return _PRECOMPUTED
