@@ -25,9 +25,8 @@ docstring of :mod:`stablemath._fastpaths`.
 
 The kernels are compiled at their first use and cached on disk (Numba's ``cache=True``:
 ``__pycache__`` beside this file, or ``NUMBA_CACHE_DIR``). On the 2-core VM the first
-softmax of a fresh install took 1.8 s (log_softmax 1.7, logsumexp 0.15, cross-entropy
-4.8 more; float32 300x500 NumPy arrays, each kernel compiled for rows in cache and
-rows from memory, see "Memory" below); a new process then pays 0.3 s once, to import
+softmax of a fresh install took 1.6 s (log_softmax 1.3, logsumexp 0.4, cross-entropy
+4.5 more; float32 300x500 NumPy arrays); a new process then pays 0.3 s once, to import
 Numba and load the cache.
 For torch tensors, the function that runs a kernel on torch's threads
 (:mod:`stablemath._cpu_team`) is compiled at the first use of that kernel as well: the
@@ -488,41 +487,38 @@ def _prefetch(typingctx: Any, row: Any, j: Any) -> Any:
 # - the next row is asked for (its first 16 KiB, _ask_for_next) at the start of each
 #   row: a softmax of 4096x1000 float32 took 0.87 of the time (one thread, median of
 #   40 interleaved runs); longer rows gained nothing from more;
-# - the pass of the exponentials also writes to the output row (or the gradient's)
-#   each exponential (log_softmax: each shifted value), rounded, which the last pass
-#   then overwrites: the stores that make each of its cache lines the core's own (read
-#   from memory first) are made while the exponentials are computed, where the last
-#   pass, with little arithmetic, waited for them. A prefetch of the output row for
-#   writing, at the start of each row, did the same less well. ``benchmarks/run.py --ops softmax,log_softmax,ce_fwdbwd --providers
-#   sm-torch,torch --shapes 256x32000,4096x1000,512x1000 --dtypes float32``, time as a
-#   ratio to torch's, four runs each, interleaved with a tree that prefetched instead:
-#   softmax 4096x1000 1.22-1.24 -> 1.14-1.18, 256x32000 1.25-1.47 -> 1.32-1.36;
-#   log_softmax 4096x1000 1.15-1.21 -> 1.03-1.10, 256x32000 0.93-1.27 -> 0.91-1.02;
-#   cross-entropy forward and backward 256x32000 0.34-0.41 -> 0.32-0.38, 4096x1000 the
-#   same; 512x1000, in cache (neither measure), the same. One thread, a softmax of
-#   4096x1000 float32 took 0.75-0.77 ns an element instead of 0.76-0.80, a log_softmax
-#   0.76-0.80 instead of 0.83-0.84. So an output must not overlap its input.
+# - the pass of the exponentials also writes zeros to the output row (or the
+#   gradient's), which the last pass then overwrites: the stores that make each of its
+#   cache lines the core's own (read from memory first) are made while the
+#   exponentials are computed, where the last pass, with little arithmetic, waited for
+#   them. A prefetch of the output row for writing, at the start of each row, did the
+#   same less well; writing the exponentials themselves, rounded, cost half precision
+#   rows their rounding (softmax 4096x1000 bfloat16 1.48-1.50 of torch's time instead
+#   of 1.17-1.19 with zeros). ``benchmarks/run.py --ops softmax,log_softmax,ce_fwdbwd
+#   --providers sm-torch,torch --shapes 4096x1000,256x32000,8x128256 --dtypes
+#   float32,bfloat16,float16``, time as a ratio to torch's, three runs each,
+#   interleaved with a tree that prefetched instead: softmax 4096x1000 float32
+#   1.18-1.22 -> 1.04-1.08, bfloat16 1.15-1.30 -> 1.17-1.19, float16 1.09-1.11 ->
+#   0.96-1.02, 256x32000 1.21-1.42 -> 1.17-1.27; log_softmax 4096x1000 float32
+#   1.14-1.20 -> 0.97-0.99, bfloat16 1.34-1.36 -> 1.25-1.28, float16 1.29-1.34 ->
+#   1.23-1.24, 256x32000 1.24-1.33 -> 1.05-1.12; cross-entropy forward and backward
+#   256x32000 0.33-0.50 -> 0.27-0.33; 8x128256 the same. So an output must not overlap
+#   its input.
 _AHEAD_BYTES = 1 << 14
-# Below this size of the input, which then stays in the caches between calls, both
-# measures only cost: a softmax of 512x1000 float32 took 1.09 times the time with the
-# prefetches, 8x1000 1.06; with the output written with the exponentials, a softmax
-# of 64x1000 1.03, of 8x8000 1.12, a log_softmax 1.07 and 1.10 (one thread).
+# Below this size of the input, which then stays in the caches between calls, the
+# prefetches only cost: a softmax of 512x1000 float32 took 1.09 times the time with
+# them, 8x1000 1.06 (one thread). The zeros cost nothing measurable there: 64x1000 and
+# 512x1000, float32 and bfloat16, softmax, log_softmax and cross-entropy forward and
+# backward had the same ratios to torch with them as without (three runs each).
 _AHEAD_FROM = 1 << 22
-
-
-@numba.njit(fastmath=_EXACT, cache=True, error_model="numpy")
-def _from_memory(x: Any) -> bool:
-    """Whether the rows ``x`` have at least :data:`_AHEAD_FROM` bytes: the kernels'
-    measures for memory (above) are for them."""
-    return x.shape[0] * x.shape[1] * x.itemsize >= _AHEAD_FROM
 
 
 @numba.njit(fastmath=_EXACT, cache=True, error_model="numpy")
 def _ask_for_next(x: Any, i: int, r1: int) -> None:
     """Before the work on row ``i`` of ``[r0, r1)``: prefetch the first
     :data:`_AHEAD_BYTES` of ``x``'s next row, one cache line (64 bytes) at a time;
-    nothing where :func:`_from_memory` is False."""
-    if not _from_memory(x) or i + 1 >= r1:
+    nothing where ``x`` has fewer than :data:`_AHEAD_FROM` bytes."""
+    if x.shape[0] * x.shape[1] * x.itemsize < _AHEAD_FROM or i + 1 >= r1:
         return
     row = x[i + 1]
     size = row.itemsize
@@ -540,23 +536,24 @@ def _scale_into(out: Any, e: Any, f: float) -> None:
         _put(out, j, e[j] * f)
 
 
-def _touch(o: Any, j: Any, value: Any) -> None:
-    """``o[j] = value`` rounded to ``o``'s elements (:func:`_put`), where ``o`` is an
-    output row that a later pass overwrites (see "Memory" above); nothing for ``o =
-    None``."""
+def _touch(o: Any, j: Any) -> None:
+    """``o[j] = 0``, where ``o`` is an output row that a later pass overwrites (see
+    "Memory" above); nothing for ``o = None``."""
 
 
 @overload(_touch, inline="always")
-def _touch_impl(o: Any, j: Any, value: Any) -> Any:
+def _touch_impl(o: Any, j: Any) -> Any:
     if isinstance(o, types.NoneType):
 
-        def nothing(o: Any, j: Any, value: Any) -> None:
+        def nothing(o: Any, j: Any) -> None:
             return None
 
         return nothing
 
-    def store(o: Any, j: Any, value: Any) -> None:
-        _put(o, j, value)
+    zero = o.dtype(0)
+
+    def store(o: Any, j: Any) -> None:
+        o[j] = zero
 
     return store
 
@@ -565,12 +562,12 @@ def _touch_impl(o: Any, j: Any, value: Any) -> Any:
 def _row_total(row: Any, m: float, inv_t: float, o: Any) -> float:
     """``log(sum(exp(d)))`` over the row: ``log(sum)`` where the sum is at least
     :func:`_clear` of the row's length, else ``log(k) + log1p(s / k)`` from
-    :func:`_split_sum`. The output row ``o`` (or None) is written (:func:`_touch`)."""
+    :func:`_split_sum`. The output row ``o`` (or None) is zeroed on the way (:func:`_touch`)."""
     _wide_vectors()
     whole = 0.0
     for j in range(row.shape[0]):
         d = _shift(row[j], m, inv_t)
-        _touch(o, j, d)
+        _touch(o, j)
         whole += _exp_nonpos(d)
     if whole >= _clear(row.shape[0]):
         return math.log(whole)
@@ -608,13 +605,13 @@ def _row_stats(row: Any, inv_t: float, o: Any) -> tuple[float, float]:
 @numba.njit(fastmath=_SUM, cache=True, error_model="numpy")
 def _exps_into(e: Any, row: Any, m: float, inv_t: float, o: Any) -> float:
     """``e[j] = exp((row[j] - m) * inv_t)``, and their sum; the output row ``o`` is
-    written (:func:`_touch`)."""
+    zeroed on the way (:func:`_touch`)."""
     _wide_vectors()
     s = 0.0
     for j in range(row.shape[0]):
         v = _exp_nonpos(_shift(row[j], m, inv_t))
         e[j] = v
-        _touch(o, j, v)
+        _touch(o, j)
         s += v
     return s
 
@@ -629,7 +626,6 @@ def softmax_rows(x: Any, out: Any, r0: int, r1: int, inv_t: float) -> bool:
     _wide_vectors()
     n = x.shape[1]
     e = np.empty(n, dtype=np.float64)
-    touch = _from_memory(x)
     for i in range(r0, r1):
         _ask_for_next(x, i, r1)
         row = x[i]
@@ -637,11 +633,8 @@ def softmax_rows(x: Any, out: Any, r0: int, r1: int, inv_t: float) -> bool:
         m = _row_max(row)
         if not math.isfinite(m):
             return False
-        # (None: no multiplication, see _shift; no output row written with the sum)
-        if inv_t == 1.0:
-            s = _exps_into(e, row, m, None, o) if touch else _exps_into(e, row, m, None, None)
-        else:
-            s = _exps_into(e, row, m, inv_t, o) if touch else _exps_into(e, row, m, inv_t, None)
+        # (None: no multiplication, see _shift)
+        s = _exps_into(e, row, m, None, o) if inv_t == 1.0 else _exps_into(e, row, m, inv_t, o)
         if s != s:
             return False
         _scale_into(o, e, 1.0 / s)
@@ -662,12 +655,11 @@ def log_softmax_rows(x: Any, out: Any, r0: int, r1: int, inv_t: float) -> bool:
 def _log_softmax_rows(x: Any, out: Any, r0: int, r1: int, inv_t: float) -> bool:
     _wide_vectors()
     n = x.shape[1]
-    touch = _from_memory(x)
     for i in range(r0, r1):
         _ask_for_next(x, i, r1)
         row = x[i]
         o = out[i]
-        m, total = _row_stats(row, inv_t, o) if touch else _row_stats(row, inv_t, None)
+        m, total = _row_stats(row, inv_t, o)
         if total != total:
             return False
         for j in range(n):
@@ -725,13 +717,13 @@ def _counted_exps_into(e: Any, row: Any, m: float, inv_t: float, o: Any) -> tupl
     """``e[j] = exp((row[j] - m) * inv_t)``, and their sum as ``k + s`` with
     ``log(k) + log1p(s / k)`` its logarithm, as in :func:`_row_total`: ``k = 1`` and
     ``s = sum - 1`` where the sum is at least :func:`_clear` of the row's length, else
-    :func:`_split_sum`. The gradient's row ``o`` is written (:func:`_touch`)."""
+    :func:`_split_sum`. The gradient's row ``o`` is zeroed on the way (:func:`_touch`)."""
     _wide_vectors()
     whole = 0.0
     for j in range(row.shape[0]):
         v = _exp_nonpos(_shift(row[j], m, inv_t))
         e[j] = v
-        _touch(o, j, v)
+        _touch(o, j)
         whole += v
     if whole >= _clear(row.shape[0]):
         return 1, whole - 1.0
@@ -862,7 +854,6 @@ def _cross_entropy_kernel(capped: bool) -> Any:
         wsum = 0.0
         for c in range(n):
             wsum += weight[c] if weighted else 1.0
-        touch = _from_memory(x)
         for i in range(r0, r1):
             _ask_for_next(x, i, r1)
             t = target[i]
@@ -881,15 +872,11 @@ def _cross_entropy_kernel(capped: bool) -> Any:
                 m = _row_max(row)
                 if not math.isfinite(m):
                     return False
-                # (None: no multiplication, see _shift; no gradient row written)
-                if touch and inv_t == 1.0:
+                # (None: no multiplication, see _shift)
+                if inv_t == 1.0:
                     k, s = _counted_exps_into(e, row, m, None, grad[i])
-                elif touch:
-                    k, s = _counted_exps_into(e, row, m, inv_t, grad[i])
-                elif inv_t == 1.0:
-                    k, s = _counted_exps_into(e, row, m, None, None)
                 else:
-                    k, s = _counted_exps_into(e, row, m, inv_t, None)
+                    k, s = _counted_exps_into(e, row, m, inv_t, grad[i])
                 total = math.log(k) + math.log1p(s / k)
             elif inv_t == 1.0:
                 m, total = _row_stats(row, None, None)

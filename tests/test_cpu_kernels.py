@@ -291,67 +291,6 @@ def test_cross_entropy_rows_split_over_threads(with_grad, monkeypatch):
         np.testing.assert_allclose(grad.astype(np.float64).sum(axis=1), want_sum, atol=1e-6)
 
 
-@pytest.mark.parametrize("element", ["float32", "bfloat16", "float16"])
-@pytest.mark.parametrize("inv_t", [1.0, 0.8])
-def test_inputs_from_memory_give_the_bits_of_the_same_rows_in_cache(element, inv_t):
-    """From _AHEAD_FROM bytes of input the kernels write each output (or gradient) row
-    with the exponentials first and overwrite it after: the results are the bits of
-    the same rows run in pieces below that size, for every kernel, with masked rows,
-    rows with a dominant term, the unit and another temperature, and cross-entropy
-    with its gradient (capped logits too)."""
-    if element == "float16" and not ck.FLOAT16_CONVERSIONS:
-        pytest.fail("this CPU has no float16 conversions: the test needs one that has")
-    n = 1000
-    rows = 1100 if element == "float32" else 2200
-    rng = np.random.default_rng(7)
-    v = (rng.standard_normal((rows, n)) * 4).astype(np.float32)
-    v[5, : n // 2] = -np.inf  # masked entries
-    v[9] = -60.0  # a dominant term: the total by counting (_split_sum)
-    v[9, 17] = 0.0
-    x, _ = _ELEMENTS[element](v)
-    piece = 200
-    assert ck._from_memory(x) and not ck._from_memory(x[:piece])
-
-    def whole_and_pieces(run, shape, dtype):
-        # (two fills: an entry neither writes would differ)
-        whole = np.full(shape, 12345, dtype)
-        assert run(x, whole, 0, rows)
-        parts = np.full(shape, 23456, dtype)
-        for a in range(0, rows, piece):
-            b = min(a + piece, rows)
-            assert run(x[a:b], parts[a:b], 0, b - a)
-        np.testing.assert_array_equal(whole, parts)
-
-    out_dtype = x.dtype
-    for kernel in (ck.softmax_rows, ck.log_softmax_rows):
-        whole_and_pieces(
-            lambda x, out, r0, r1, k=kernel: k(x, out, r0, r1, inv_t), (rows, n), out_dtype
-        )
-    if inv_t == 1.0:
-        whole_and_pieces(
-            lambda x, out, r0, r1: ck.logsumexp_rows(x, out, r0, r1, 1.0), (rows,), np.float32
-        )
-    # (-inf logits with smoothing are the generic kernel's)
-    x, _ = _ELEMENTS[element](np.maximum(v, np.float32(-50.0)))
-    t = rng.integers(0, n, rows)
-    t[::11] = -100
-    w = rng.uniform(0.5, 2.0, n)
-    for cap in (0.0, 30.0):
-        grad = np.full((rows, n), 12345, np.float32)
-        loss = np.full(rows, 12345.0)
-        assert ck.cross_entropy_rows(
-            x, loss, 0, rows, t, w, -100, 0.1, inv_t, 0.01, cap, grad, 0.5
-        )
-        grad_parts = np.full((rows, n), 23456, np.float32)
-        loss_parts = np.full(rows, 23456.0)
-        for a in range(0, rows, piece):
-            b = min(a + piece, rows)
-            args = (t[a:b], w, -100, 0.1, inv_t, 0.01, cap, grad_parts[a:b], 0.5)
-            assert ck.cross_entropy_rows(x[a:b], loss_parts[a:b], 0, b - a, *args)
-        np.testing.assert_array_equal(loss, loss_parts)
-        np.testing.assert_array_equal(grad, grad_parts)
-
-
 @pytest.mark.parametrize("n", [2, 1000, 32000])
 def test_a_dominant_term_keeps_its_precision_on_both_sides_of_the_switch(n):
     """Rows ``[0, -a, ..., -a]`` whose total ``log1p(r)``, ``r = (n - 1) exp(-a)``,
