@@ -592,7 +592,7 @@ def _split_sum(row: Any, m: float, inv_t: float) -> tuple[int, float]:
 
 @numba.njit(fastmath=_SUM, cache=True, error_model="numpy")
 def _row_stats(row: Any, inv_t: float, o: Any) -> tuple[float, float]:
-    """The row's maximum and :func:`_row_total` (which writes the output row ``o``, or
+    """The row's maximum and :func:`_row_total` (which zeroes the output row ``o``, or
     None); the total is NaN for a row that is not for these kernels (a NaN, or a
     maximum that is not finite)."""
     _wide_vectors()
