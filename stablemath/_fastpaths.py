@@ -340,12 +340,14 @@ _PRECOMPUTED: Any = None
 
 
 def _precomputed_grad() -> Any:
-    """``apply(x, box)`` of a ``torch.autograd.Function`` whose forward returns a loss
-    computed outside torch and whose backward scales the gradient computed with it,
-    ``box = (loss, grad, axis, again)``: the upstream gradient multiplies ``grad`` in
-    place (unsqueezed at ``axis`` for per-sample losses). Under ``create_graph``, and
-    for a second backward through a retained graph, the backward is instead
-    ``torch.autograd.grad`` of ``again(x)`` (the same loss in torch's ops), so second
+    """``apply(x, box)`` of a ``torch.autograd.Function`` whose forward returns a
+    cross-entropy computed outside torch and whose backward scales the gradient
+    computed with it, ``box = (loss, grad, args)``, ``args`` the arguments of
+    :func:`_torch_ce_float64` after ``x`` (``args[1]`` the class axis): the upstream
+    gradient multiplies ``grad`` in place (unsqueezed at the class axis for per-sample
+    losses). Under ``create_graph``, and for a second backward through a retained
+    graph, the backward is instead ``torch.autograd.grad`` of
+    ``_torch_ce_float64(x, *args)`` (the same loss in torch's ops), so second
     derivatives are right too."""
     global _PRECOMPUTED
     if _PRECOMPUTED is not None:
@@ -354,10 +356,9 @@ def _precomputed_grad() -> Any:
 
     class PrecomputedGrad(torch.autograd.Function):
         @staticmethod
-        def forward(ctx: Any, x: Any, box: tuple[Any, Any, int, Any]) -> Any:
-            loss, grad, axis, again = box
+        def forward(ctx: Any, x: Any, box: tuple[Any, Any, tuple[Any, ...]]) -> Any:
+            loss, ctx.grad, ctx.args = box
             ctx.save_for_backward(x)
-            ctx.grad, ctx.axis, ctx.again = grad, axis, again
             return loss
 
         @staticmethod
@@ -367,12 +368,12 @@ def _precomputed_grad() -> Any:
                 # a second backward of a retained graph, or create_graph
                 (x,) = ctx.saved_tensors
                 with torch.enable_grad():
-                    loss = ctx.again(x)
+                    loss = _torch_ce_float64(x, *ctx.args)
                 create = torch.is_grad_enabled()
                 (gx,) = torch.autograd.grad(loss, x, upstream, create_graph=create)
                 return gx, None
             if upstream.ndim:
-                upstream = upstream.unsqueeze(ctx.axis)
+                upstream = upstream.unsqueeze(ctx.args[1])
             elif upstream.item() == 1.0:
                 # loss.backward() of the reduced loss: the buffer is the gradient as it
                 # is, with no pass to multiply it by 1
@@ -432,19 +433,32 @@ def _torch_small(func: str, x: Any, axis: int, arg: Any) -> Any:
     moved out of ``_normalize`` and the two environment reads made one): softmax
     +4.5-4.7 us -> +2.2-2.3, log_softmax +5.0-5.5 -> +2.5-2.6, logsumexp -0.6-1.0 ->
     -2.0-2.2 (``torch.softmax`` itself 1.2 us).
+
+    A plain ``torch.Tensor`` comes here before :func:`_kind` is asked (see
+    :func:`_dispatch`), and asks the questions of ``_kind`` that matter here itself:
+    the compiler, the switches, the device; the dtype is the question of :data:`_AT`,
+    which also remembers the dtypes that have no kernel. Call overhead, 1x10 float32,
+    ``benchmarks/run.py --ops softmax,log_softmax,logsumexp,ce_fwd,ce_fwdbwd
+    --providers sm-torch,torch --shapes 1x10 --dtypes float32``, three runs each,
+    interleaved with a tree of the commit before, before -> after: softmax +2.8-3.0 us
+    -> +2.4-2.5, log_softmax +3.1-3.7 -> +2.9-3.1, logsumexp -3.5-3.8 -> -3.9-4.6.
     """
+    # (_kind's questions, the compiler's first: the dispatch asked only the type)
+    if _IS_COMPILING() or _SWITCHED() or not x.is_cpu:
+        return _NOT_SMALL
     shape = x.shape
     ndim = len(shape)
-    team = _TEAM_MODULE or _team()
     if not ndim or (axis != -1 and axis != ndim - 1):
+        return _NOT_SMALL
+    dtype = x.dtype
+    run = _AT.get((func, dtype), _UNSEEN)
+    if run is _UNSEEN:
+        run = _at_address(func, dtype)
+    if run is None:
         return _NOT_SMALL
     n = shape[-1]
     size = x.numel()
-    if not n or size >= team.SMALL or not x.is_contiguous() or not plain_tensor(x):
-        return _NOT_SMALL
-    dtype = x.dtype
-    run = _AT.get((func, dtype)) or _at_address(func, dtype)
-    if run is None:
+    if not n or size >= _SMALL or not x.is_contiguous() or not plain_tensor(x):
         return _NOT_SMALL
     rows = size // n
     if func == "logsumexp":
@@ -472,7 +486,7 @@ def _torch_small_cross_entropy(
     smoothing: float,
     temperature: float,
     z_loss: float,
-    softcap: float,
+    softcap: float | None,
 ) -> Any:
     """Cross-entropy without class weights or mask of a small C-contiguous torch
     tensor along its last axis, with C-contiguous int64 targets, read at their
@@ -490,19 +504,30 @@ def _torch_small_cross_entropy(
     C ``apply`` instead of ``Function.apply`` (3.2 us), forward and backward +8.3-9.0
     -> +4.6-4.9 us (``--ops ce_fwd,ce_fwdbwd --shapes 1x10,64x1000``, two runs each,
     interleaved with a worktree of the commit before).
+
+    Asked before :func:`_kind`, as :func:`_torch_small` is, and with the arguments of
+    the second derivative's loss handed to the autograd.Function as a tuple instead of
+    a closure (whose cells every call paid for, autograd or not): forward +3.2-3.4 us
+    -> +2.2-2.9 (the runs of :func:`_torch_small`'s figures); forward and backward
+    +9.0-12.1 -> +8.8-12.9, where the autograd engine's own 35-40 us of the call moved
+    more than that between runs.
     """
+    # (_kind's questions, the compiler's first: the router asked only the type)
+    if _IS_COMPILING() or _SWITCHED() or not x.is_cpu:
+        return _NOT_SMALL
     shape = x.shape
     ndim = len(shape)
-    team = _TEAM_MODULE or _team()
     if not ndim or (axis != -1 and axis != ndim - 1):
+        return _NOT_SMALL
+    dtype = x.dtype
+    run = _AT.get(("cross_entropy", dtype), _UNSEEN)
+    if run is _UNSEEN:
+        run = _at_address("cross_entropy", dtype)
+    if run is None or type(target) is not _TENSOR or target.dtype is not _INT64:
         return _NOT_SMALL
     n = shape[-1]
     size = x.numel()
-    if not n or size >= team.SMALL_CROSS_ENTROPY or not x.is_contiguous():
-        return _NOT_SMALL
-    dtype = x.dtype
-    run = _AT.get(("cross_entropy", dtype)) or _at_address("cross_entropy", dtype)
-    if run is None or type(target) is not _TENSOR or target.dtype is not _INT64:
+    if not n or size >= _SMALL_CROSS_ENTROPY or not x.is_contiguous():
         return _NOT_SMALL
     if not target.is_cpu:
         return _NOT_SMALL
@@ -522,6 +547,7 @@ def _torch_small_cross_entropy(
     loss = np.empty(rows)
     reduce = _REDUCE[reduction]
     inv_t = 1.0 / temperature
+    cap = 0.0 if softcap is None else softcap
     value = run(
         x.data_ptr(),
         rows,
@@ -532,7 +558,7 @@ def _torch_small_cross_entropy(
         smoothing,
         inv_t,
         z_loss,
-        softcap,
+        cap,
         loss,
         g,
         reduce,
@@ -548,39 +574,39 @@ def _torch_small_cross_entropy(
         res = res.to(dtype)
     if not grad:
         return res
-
-    def again(x: Any) -> Any:  # for a second derivative: torch's ops, float64
-        return _torch_ce_float64(
-            x, target, axis, None, ignore_index, reduction, smoothing, temperature, z_loss, softcap
-        )
-
+    again = (target, axis, None, ignore_index, reduction, smoothing, temperature, z_loss, cap)
     g = _TORCH_FROM_NUMPY(g)
     return (_PRECOMPUTED or _precomputed_grad())(
-        x, (res, g if ndim == 2 else g.view(shape), axis, again)
+        x, (res, g if ndim == 2 else g.view(shape), again)
     )
 
 
 _F32 = np.dtype(np.float32)
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 _AT: dict[tuple[str, Any], Any] = {}
+_UNSEEN = object()
 _FLOAT32: Any = None
 _TORCH_FROM_NUMPY: Any = None
 _INT64: Any = None
 _GRAD_MODE: Any = None
 _TENSOR: Any = None
+_SMALL = _SMALL_CROSS_ENTROPY = 0  # _cpu_team's, once it is imported
 
 
 def _at_address(func: str, dtype: Any) -> Any:
     """:func:`stablemath._cpu_team.at_address` of ``func``'s kernel for tensors of
     ``dtype``, or None where the kernels do not read that dtype's memory."""
-    global _FLOAT32, _TORCH_FROM_NUMPY, _INT64, _GRAD_MODE, _TENSOR
+    global _FLOAT32, _TORCH_FROM_NUMPY, _INT64, _GRAD_MODE, _TENSOR, _SMALL, _SMALL_CROSS_ENTROPY
     torch = sys.modules["torch"]
     _FLOAT32, _TORCH_FROM_NUMPY = torch.float32, torch.from_numpy
     _INT64, _GRAD_MODE, _TENSOR = torch.int64, torch.is_grad_enabled, torch.Tensor
+    _torch_floats()  # (and _IS_COMPILING)
     team = _team()
+    _SMALL, _SMALL_CROSS_ENTROPY = team.SMALL, team.SMALL_CROSS_ENTROPY
     _REDUCE.update(none=team.NONE, sum=team.SUM, mean=team.MEAN)
     element = (_ELEMENTS or _torch_elements()).get(dtype)
     if element is None:
+        _AT[func, dtype] = None  # (asked once)
         return None
     run = _AT[func, dtype] = _team().at_address(getattr(_compiled(), func + "_rows"), element)
     return run
@@ -755,25 +781,21 @@ def _torch_cross_entropy(
             both = _np_cross_entropy(view, *args, grad_into=empty, run=_on_torch_threads())
             if both is None:
                 return None
-
-            def again(x: Any) -> Any:  # for a second derivative: torch's ops, float64
-                return _torch_ce_float64(
-                    x,
-                    target,
-                    axis,
-                    weight,
-                    ignore_index,
-                    reduction,
-                    smoothing,
-                    temperature,
-                    z_loss,
-                    softcap,
-                )
-
             loss, grad = (torch.from_numpy(a) for a in both)
             if loss.dtype is not x.dtype:  # (.to of the same dtype costs 0.8 us)
                 loss = loss.to(x.dtype)
-            return (_PRECOMPUTED or _precomputed_grad())(x, (loss, grad, axis, again))
+            again = (
+                target,
+                axis,
+                weight,
+                ignore_index,
+                reduction,
+                smoothing,
+                temperature,
+                z_loss,
+                softcap,
+            )
+            return (_PRECOMPUTED or _precomputed_grad())(x, (loss, grad, again))
     # the targets are checked here, not by the facade (see _np_cross_entropy)
     t = np.ascontiguousarray(t, dtype=np.int64).reshape(-1)  # the kernel takes one axis
     if _compiled().target_total(t, _NO_WEIGHT, ignore_index, x.shape[axis]) < 0:
@@ -861,6 +883,7 @@ def _dispatch(func: str, numpy_impl: Any, torch_ops: Any, x: Any, axis: int, *ar
     ``func`` (:mod:`stablemath._xla_ffi`) for a JAX array; None where no fast path
     applies (:func:`_slice_axis`), or where the generic kernel must decide.
 
+    A plain torch tensor goes to :func:`_torch_small` before :func:`_kind` is asked.
     One function for the three normalisers: on a 1x10 tensor each Python call costs
     0.1-0.3 us, and the layers of calls were most of the call overhead. With them
     gone, the namespace resolved only after the fast paths, and the environment read
@@ -868,6 +891,12 @@ def _dispatch(func: str, numpy_impl: Any, torch_ops: Any, x: Any, axis: int, *ar
     more than ``torch.softmax`` where it cost 8.6 more (thread time, interleaved, the
     median of 41 rounds of 1000 calls), and ``logsumexp`` 1.5 us less than
     ``torch.logsumexp``."""
+    # a plain tensor goes to the small path first, which asks _kind's questions itself
+    # (a tensor of another type, such as a Parameter, once _kind has answered)
+    if type(x) is _TENSOR:
+        res = _torch_small(func, x, axis, *args)
+        if res is not _NOT_SMALL:
+            return res
     kind = _kind(x)
     if kind is None:
         return None
@@ -878,7 +907,7 @@ def _dispatch(func: str, numpy_impl: Any, torch_ops: Any, x: Any, axis: int, *ar
         if func == "logsumexp":
             return _xla().logsumexp(x, axis, *args)
         return _xla().normalise(func, x, axis, *args)
-    if kind == "torch":
+    if kind == "torch" and type(x) is not _TENSOR:
         res = _torch_small(func, x, axis, *args)
         if res is not _NOT_SMALL:
             return res
@@ -968,13 +997,21 @@ def cross_entropy(
     weight's type and shape and the mask's type, dtype and shape are checked (the
     values, by the kernels). A per-sample mask ``where`` makes its ``False`` samples'
     targets ``ignore_index`` (SPEC: they count exactly as ignored ones)."""
+    # a plain tensor goes to the small path first, which asks _kind's questions itself
+    # (a tensor of another type, such as a Parameter, once _kind has answered)
+    small = weight is None and where is None
+    if small and type(x) is _TENSOR:
+        res = _torch_small_cross_entropy(
+            x, target, axis, ignore_index, reduction, label_smoothing, temperature, z_loss, softcap
+        )
+        if res is not _NOT_SMALL:
+            return res
     kind = _kind(x)
     if kind is None:
         return None
-    if kind == "torch" and weight is None and where is None:
-        cap = 0.0 if softcap is None else softcap
+    if small and kind == "torch" and type(x) is not _TENSOR:
         res = _torch_small_cross_entropy(
-            x, target, axis, ignore_index, reduction, label_smoothing, temperature, z_loss, cap
+            x, target, axis, ignore_index, reduction, label_smoothing, temperature, z_loss, softcap
         )
         if res is not _NOT_SMALL:
             return res

@@ -96,6 +96,42 @@ def test_switch_turns_the_fast_paths_off(fb, func, generic_calls, monkeypatch):
     assert generic_calls == [func]
 
 
+def test_switch_turns_the_cross_entropy_fast_paths_off(fb, generic_ce_calls, monkeypatch):
+    """The switch holds for the small tensors that the fast path asks about first."""
+    monkeypatch.setenv(_fastpaths.DISABLE_ENV, "1")
+    _ce(fb, [[1.0, 2.0, 3.0]], [0])
+    assert generic_ce_calls == ["cross_entropy"]
+
+
+def test_tensors_off_the_cpu_never_reach_the_kernels(monkeypatch):
+    """A small tensor on another device than the CPU (``meta``: a shape, no memory;
+    its ``data_ptr`` is 0) goes to the generic path, which gives a result of the same
+    device and shape; no kernel is asked for."""
+    if not backends_named("torch"):
+        pytest.skip("torch not selected")
+    import torch
+
+    from stablemath import _cpu_team
+
+    def refuse(kernel, element):
+        raise AssertionError(f"{kernel.__name__} asked for a tensor off the CPU")
+
+    monkeypatch.setattr(_cpu_team, "at_address", refuse)
+    monkeypatch.setattr(_fastpaths, "_AT", {})
+    monkeypatch.delenv(_fastpaths.DISABLE_ENV, raising=False)
+    x = torch.zeros(2, 10, device="meta")
+    t = torch.zeros(2, dtype=torch.int64, device="meta")
+    for res, shape in [
+        (sm.softmax(x), (2, 10)),
+        (sm.log_softmax(x), (2, 10)),
+        (sm.logsumexp(x, axis=-1), (2,)),
+        (sm.cross_entropy(x, t), ()),
+        (sm.cross_entropy(x, t, reduction="none"), (2,)),
+    ]:
+        assert res.device.type == "meta"
+        assert tuple(res.shape) == shape
+
+
 def test_switch_is_read_at_each_call(monkeypatch):
     """The switches are read from the environment as it is at the call (the cheap read
     of stablemath/_lib/_env.py), after every change through os.environ, and
