@@ -608,7 +608,7 @@ def _at_address(func: str, dtype: Any) -> Any:
     if element is None:
         _AT[func, dtype] = None  # (asked once)
         return None
-    run = _AT[func, dtype] = _team().at_address(getattr(_compiled(), func + "_rows"), element)
+    run = _AT[func, dtype] = team.at_address(getattr(_compiled(), func + "_rows"), element)
     return run
 
 
