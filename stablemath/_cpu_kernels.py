@@ -622,7 +622,22 @@ def softmax_rows(x: Any, out: Any, r0: int, r1: int, inv_t: float) -> bool:
     float64. The exponentials are kept in a float64 row buffer (in cache), and each
     output is their one rounding of ``e * (1 / sum)``; the sum is at least 1, since the
     maximum contributes ``exp(0)``. False (at once) for a row with a NaN or a
-    non-finite maximum, whose outputs are then undefined."""
+    non-finite maximum, whose outputs are then undefined.
+
+    The buffer is what the one rounding costs on long rows: at 256x32000 float32
+    (``benchmarks/run.py --ops softmax,log_softmax --providers sm-torch,torch --shapes
+    256x32000 --dtypes float32``, seven runs, two of them with the other ops and
+    4096x1000 as well) softmax took 1.00-1.38 of torch's time (median 1.15),
+    log_softmax, whose second pass reads the input again instead, 0.87-1.19 (median
+    1.03). Single calls, interleaved, each after a clone of the input (which leaves
+    it in the caches, as the suite's copy baseline does) or after a copy that evicts
+    it (``benchmarks/input_in_cache.py --op softmax --before clone``, ``--before
+    evict``, and the same for log_softmax, three runs each): softmax 1.15-1.24 and
+    1.10-1.15, log_softmax 0.97-1.13 and 0.86-0.96. Keeping the exponentials in
+    the float32 output row instead (rounded, then scaled in place) rounds twice: errors
+    up to 1.48 ulp of scipy's float64 softmax of the same rows instead of 0.50 (64 rows
+    of 10, 1000 and 32000 normal entries, scales 1 to 100), and the variant tried was
+    slower as well (1.68-1.75 of torch's time at 256x32000)."""
     _wide_vectors()
     n = x.shape[1]
     e = np.empty(n, dtype=np.float64)
