@@ -56,6 +56,8 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
+from . import _numba_cache as keyed
+
 __all__ = [
     "FLOAT16_CONVERSIONS",
     "cross_entropy_rows",
@@ -924,7 +926,7 @@ def _cross_entropy_kernel(capped: bool) -> Any:
                 _put(g, t, gt * slope[t] if capped else gt)
         return True
 
-    return numba.njit(nogil=True, fastmath=_SUM, cache=True, error_model="numpy")(rows)
+    return keyed.njit(nogil=True, fastmath=_SUM, error_model="numpy")(rows)
 
 
 _uncapped_rows = _cross_entropy_kernel(False)

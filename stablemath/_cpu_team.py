@@ -39,6 +39,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from . import _cpu_kernels as ck
+from . import _numba_cache as keyed
 
 __all__ = [
     "MEAN",
@@ -103,7 +104,7 @@ def _rows_of(element: Any) -> Any:
     """The function that reads the rows ``x`` out of the argument block, as arrays of
     ``element`` (float32; uint16 for bfloat16 bits, int16 for float16 bits)."""
 
-    @numba.njit(cache=True)
+    @keyed.njit()
     def rows_of(a: Any) -> Any:
         return numba.carray(_address(a[_X]), (a[_ROWS], a[_N]), element)
 
@@ -119,7 +120,7 @@ def _rows_of(element: Any) -> Any:
 def _normalise_block(kernel: Any, element: Any) -> Any:
     bits = element is not np.float32
 
-    @numba.njit(cache=True)
+    @keyed.njit()
     def block(a: Any, f: Any, x: Any, r0: int, r1: int) -> bool:
         shape = (a[_ROWS], a[_N])
         out = _address(a[_OUT])
@@ -162,7 +163,7 @@ def _team(block: Any, element: Any) -> Any:
     It receives the argument block, read as int64 and as float64 words."""
     rows_of = _rows_of(element)
 
-    @numba.njit(cache=True)
+    @keyed.njit()
     def body(a: Any, f: Any) -> None:
         x = rows_of(a)
         rows, step = a[_ROWS], a[_STEP]
@@ -196,11 +197,12 @@ _CFUNCS: dict[Any, Any] = {}
 def _cfunc(kernel: Any, element: Any) -> Any:
     """The address of the team's function for ``kernel`` on rows of ``element``,
     compiled at its first use (a fresh install took 6 s to compile all four float32
-    ones at once; loading one from Numba's disk cache takes about 0.1 s)."""
+    ones at once; loading one from Numba's disk cache takes about 0.1 s, in any later
+    process: see :mod:`stablemath._numba_cache`)."""
     key = (kernel, element)
     address = _CFUNCS.get(key)
     if address is None:
-        compiled = numba.cfunc(types.void(types.voidptr), nogil=True, cache=True)(_BODIES[key])
+        compiled = keyed.cfunc(types.void(types.voidptr), nogil=True)(_BODIES[key])
         address = _CFUNCS[key] = compiled.address
     return address
 
@@ -220,7 +222,7 @@ SMALL_CROSS_ENTROPY = 64 << 10
 
 
 def _at_address(kernel: Any, element: Any) -> Any:
-    @numba.njit(cache=True)
+    @keyed.njit()
     def at(address: int, rows: int, n: int, out: Any, param: float) -> bool:
         return kernel(numba.carray(_address(address), (rows, n), element), out, 0, rows, param)
 
@@ -232,7 +234,7 @@ NONE, SUM, MEAN = 0, 1, 2
 
 
 def _cross_entropy_at_address(element: Any) -> Any:
-    @numba.njit(cache=True)
+    @keyed.njit()
     def at(
         address: int,
         rows: int,

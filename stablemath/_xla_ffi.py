@@ -97,6 +97,7 @@ import functools
 import math
 from typing import Any
 
+import llvmlite.binding as llvm
 import numba
 import numpy as np
 from llvmlite import ir
@@ -105,6 +106,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from . import _cpu_kernels as ck
+from . import _numba_cache as keyed
 from ._cpu_team import _address
 
 __all__ = ["cross_entropy", "logsumexp", "normalise", "supported_dtype"]
@@ -161,6 +163,25 @@ def _malloc(typingctx: Any, size: Any) -> Any:
             builder.module, ir.FunctionType(i8p, [ir.IntType(64)]), "malloc"
         )
         return builder.ptrtoint(builder.call(fn, [args[0]]), ir.IntType(64))
+
+    return sig, codegen
+
+
+@intrinsic
+def _symbol_address(typingctx: Any, name: Any) -> Any:
+    """The address of the C function registered in this process under the literal
+    ``name`` (``llvmlite.binding.add_symbol``), as an int64: resolved when the compiled
+    code is loaded, so that code compiled in another process (Numba's disk cache)
+    finds this process's function."""
+    if not isinstance(name, types.StringLiteral):
+        return None
+    sig = types.int64(name)
+    symbol = name.literal_value
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        fnty = ir.FunctionType(ir.VoidType(), [ir.IntType(8).as_pointer()])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, symbol)
+        return builder.ptrtoint(fn, ir.IntType(64))
 
     return sig, codegen
 
@@ -331,7 +352,7 @@ def _weighted_rows(kernel: Any) -> Any:
     ``x`` are a contiguous block of ``rows / w_rows``, and the kernel runs on each
     block's part of ``[r0, r1)`` with that block's weights."""
 
-    @numba.njit(cache=True)
+    @keyed.njit()
     def weighted(
         x: Any,
         loss: Any,
@@ -382,7 +403,7 @@ def _rows_runner(kernel: Any, element: Any, kind: str) -> Any:
     weighted = _weighted_rows(kernel)
     if kind == "normalise":
 
-        @numba.njit(cache=True)
+        @keyed.njit()
         def run_rows(
             x: Any,
             out: int,
@@ -401,7 +422,7 @@ def _rows_runner(kernel: Any, element: Any, kind: str) -> Any:
 
     elif kind == "reduce":
 
-        @numba.njit(cache=True)
+        @keyed.njit()
         def run_rows(
             x: Any,
             out: int,
@@ -420,7 +441,7 @@ def _rows_runner(kernel: Any, element: Any, kind: str) -> Any:
 
     elif kind == "cross_entropy":
 
-        @numba.njit(cache=True)
+        @keyed.njit()
         def run_rows(
             x: Any,
             out: int,
@@ -442,7 +463,7 @@ def _rows_runner(kernel: Any, element: Any, kind: str) -> Any:
 
     else:  # the loss and its gradient, in one pass
 
-        @numba.njit(cache=True)
+        @keyed.njit()
         def run_rows(
             x: Any,
             out: int,
@@ -471,7 +492,7 @@ def _work(run_rows: Any, element: Any) -> Any:
     counted in ``_ACTIVE`` while inside one; a row the kernel refuses sets
     ``_REFUSED`` (the caller then redoes the rows one by one)."""
 
-    @numba.njit(cache=True)
+    @keyed.njit()
     def work(job: int) -> None:
         words = numba.carray(_address(job), (_JOB_WORDS,), np.int64)
         floats = numba.carray(_address(job), (_JOB_WORDS,), np.float64)
@@ -570,7 +591,7 @@ def _task(work: Any) -> Any:
         work(address)
         _release(address)
 
-    return numba.cfunc(types.void(types.voidptr), nogil=True, cache=True)(task)
+    return keyed.cfunc(types.void(types.voidptr), nogil=True)(task)
 
 
 def _handler(kernel: Any, element: Any, kind: str) -> Any:
@@ -593,7 +614,9 @@ def _handler(kernel: Any, element: Any, kind: str) -> Any:
     work = _work(run_rows, element)
     task = _task(work)
     _CFUNCS.append(task)
-    task_address = task.address
+    # the handler finds its task by name (its address is this process's alone)
+    symbol = f"stablemath_task_{kernel.py_func.__name__}_{kind}_{np.dtype(element).name}"
+    llvm.add_symbol(symbol, task.address)
 
     def run(
         frame: Any,
@@ -624,7 +647,7 @@ def _handler(kernel: Any, element: Any, kind: str) -> Any:
         floats[_PARAM], floats[_INV_T], floats[_Z] = param, inv_t, z
         api = numba.carray(_address(frame[_API]), (_SCHEDULE + 1,), np.int64)
         args = np.zeros(5, np.int64)
-        args[0], args[2], args[3], args[4] = 40, frame[_CTX], task_address, job
+        args[0], args[2], args[3], args[4] = 40, frame[_CTX], _symbol_address(symbol), job
         for _ in range(threads - 1):
             error = _call(api[_SCHEDULE], args.ctypes.data)
             if error != 0:  # not scheduled: its reference goes
@@ -637,7 +660,7 @@ def _handler(kernel: Any, element: Any, kind: str) -> Any:
         _release(job)
         return ok
 
-    run = numba.njit(run)
+    run = keyed.njit()(run)
     cross_entropy = kind.startswith("cross_entropy")
     with_grad = kind == "cross_entropy_grad"
 
@@ -714,8 +737,9 @@ def _capsule(address: int) -> Any:
 
 def _target(func: str, dtype_name: str) -> str:
     """The name of the FFI target of ``func`` on ``dtype_name`` rows, compiled and
-    registered at its first use (loading it from Numba's disk cache takes about
-    0.1 s)."""
+    registered at its first use: seconds of compiling after an install, 0.1 s of
+    loading it from Numba's disk cache in any later process
+    (:mod:`stablemath._numba_cache`)."""
     key = (func, dtype_name)
     name = _TARGETS.get(key)
     if name is None:
@@ -723,8 +747,7 @@ def _target(func: str, dtype_name: str) -> str:
 
         kernel, kind = _KERNELS[func]
         handler = _handler(kernel, _ELEMENTS[dtype_name], kind)
-        # not cached: the handler holds its task's address, which is this process's
-        compiled = numba.cfunc(types.int64(types.voidptr), nogil=True)(handler)
+        compiled = keyed.cfunc(types.int64(types.voidptr), nogil=True)(handler)
         _CFUNCS.append(compiled)
         name = f"stablemath_{func}_{dtype_name}"
         jax.ffi.register_ffi_target(name, _capsule(compiled.address), platform="cpu")
