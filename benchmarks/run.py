@@ -1,6 +1,7 @@
 """Cross-framework benchmark: stablemath against each backend's own functions.
 
-    python benchmarks/run.py                  # quick set, < 3 min on 2 CPU cores
+    python benchmarks/run.py                  # quick set: 37 s on 2 CPU cores, 3+ min when
+                                              # the kernels compile (a fresh install)
     python benchmarks/run.py --full           # the real measurements
     python benchmarks/run.py --ops softmax,ce_fwd --providers sm-torch,torch
     python benchmarks/run.py --shapes 2x10 --dtypes float32 --budget 0.05   # smoke run
