@@ -932,6 +932,9 @@ def _cross_entropy_kernel(capped: bool) -> Any:
 
 _uncapped_rows = _cross_entropy_kernel(False)
 _capped_rows = _cross_entropy_kernel(True)
+# :func:`cross_entropy_rows` for callers that never cap (the JAX FFI handlers: XLA caps
+# before the call), which then compile one of the two kernels
+uncapped_cross_entropy_rows = _uncapped_rows
 
 
 @numba.njit(nogil=True, fastmath=_SUM, cache=True, error_model="numpy")

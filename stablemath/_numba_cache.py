@@ -16,8 +16,8 @@ captured values; a type by its name; a number, string or tuple by its value; and
 since that names code rather than holding it, the modification stamps of the
 modules that hold the kernels. A captured value of any other kind leaves the
 function with Numba's own key. The compiled code may not depend on anything else of
-the process (an address: :func:`stablemath._xla_ffi._handler` looks its task up by
-symbol name).
+the process (an address: :func:`stablemath._xla_ffi._handler` looks its task and its
+row runner up by symbol name).
 """
 
 from __future__ import annotations
