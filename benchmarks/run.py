@@ -1,6 +1,6 @@
 """Cross-framework benchmark: stablemath against each backend's own functions.
 
-    python benchmarks/run.py                  # quick set: 37 s on 2 CPU cores, 3+ min when
+    python benchmarks/run.py                  # quick set: 66 s on 2 CPU cores, 106 s when
                                               # the kernels compile (a fresh install)
     python benchmarks/run.py --full           # the real measurements
     python benchmarks/run.py --ops softmax,ce_fwd --providers sm-torch,torch
