@@ -31,7 +31,7 @@ run them on torch's threads (:mod:`stablemath._cpu_team`) and as XLA calls
 softmax, log_softmax, logsumexp and cross-entropy (and its gradient on torch and JAX)
 on 512x1000 and 1x10 float32 arrays
 (``python benchmarks/first_call.py``), in all, after an install and in a later
-process: NumPy 8.0 s and 0.4 s, torch 17.0 s and 0.4 s, JAX 15.5 s and 0.8 s (before
+process: NumPy 8.0 s and 0.4 s, torch 17.0 s and 0.4 s, JAX 16.5 s and 0.8 s (before
 the keyed cache a later process took 4.5 s on torch and 21.9 s on JAX; before the JAX
 handlers called their row runner by symbol, 38.1 s after an install, see
 :func:`stablemath._xla_ffi._rows_runner`). bfloat16 and float16 rows are kernels of

@@ -451,99 +451,44 @@ def _rows_runner(kernel: Any, element: Any, kind: str) -> Any:
     it with (the job's loop with an int64 and a uint64 job, the row runner with a
     literal 0). The first calls after an install (``python benchmarks/first_call.py
     --libs jax``, float32, 512x1000) took 15.4 s for a cross-entropy, 10.5 s for its
-    gradient and 38.1 s for the five ops and their 1x10 calls; now 5.4 s, 2.6 s and
-    15.5 s, and the cache they fill 5.1 MB instead of 15.5 MB."""
+    gradient and 38.1 s for the five ops and their 1x10 calls; now 5.7 s, 2.7 s and
+    16.5 s (two runs), and the cache they fill 5.4 MB instead of 15.5 MB."""
     weighted = _weighted_rows(kernel)
-    if kind == "normalise":
+    # (constants of the closure: Numba prunes the branches of the other kinds before
+    # it types them)
+    normalise, reduce, with_grad = kind == "normalise", kind == "reduce", kind.endswith("grad")
 
-        def run_rows(
-            x_at: int,
-            rows: int,
-            n: int,
-            out: int,
-            targets: int,
-            grad: int,
-            scales: int,
-            r0: int,
-            r1: int,
-            param: float,
-            inv_t: float,
-            z: float,
-            wts: int,
-        ) -> int:
-            x = numba.carray(_address(x_at), (rows, n), element)
-            result = numba.carray(_address(out), (rows, n), element)
-            return 1 if kernel(x, result, r0, r1, param) else 0
-
-    elif kind == "reduce":
-
-        def run_rows(
-            x_at: int,
-            rows: int,
-            n: int,
-            out: int,
-            targets: int,
-            grad: int,
-            scales: int,
-            r0: int,
-            r1: int,
-            param: float,
-            inv_t: float,
-            z: float,
-            wts: int,
-        ) -> int:
-            x = numba.carray(_address(x_at), (rows, n), element)
-            result = numba.carray(_address(out), (rows,), np.float32)
-            return 1 if kernel(x, result, r0, r1, 1.0) else 0
-
-    elif kind == "cross_entropy":
-
-        def run_rows(
-            x_at: int,
-            rows: int,
-            n: int,
-            out: int,
-            targets: int,
-            grad: int,
-            scales: int,
-            r0: int,
-            r1: int,
-            param: float,
-            inv_t: float,
-            z: float,
-            wts: int,
-        ) -> int:
-            x = numba.carray(_address(x_at), (rows, n), element)
+    def run_rows(
+        x_at: int,
+        rows: int,
+        n: int,
+        out: int,
+        targets: int,
+        grad: int,
+        scales: int,
+        r0: int,
+        r1: int,
+        param: float,
+        inv_t: float,
+        z: float,
+        wts: int,
+    ) -> int:
+        x = numba.carray(_address(x_at), (rows, n), element)
+        if normalise:
+            ok = kernel(x, numba.carray(_address(out), (rows, n), element), r0, r1, param)
+        elif reduce:
+            ok = kernel(x, numba.carray(_address(out), (rows,), np.float32), r0, r1, 1.0)
+        else:
             loss = numba.carray(_address(out), (rows,), np.float32)
             target = numba.carray(_address(targets), (rows,), np.int32)
-            no_grad = np.empty((0, 0), np.float32)
-            ok = weighted(x, loss, r0, r1, target, wts, param, inv_t, z, no_grad, 1.0)
-            return 1 if ok else 0
-
-    else:  # the loss and its gradient, in one pass
-
-        def run_rows(
-            x_at: int,
-            rows: int,
-            n: int,
-            out: int,
-            targets: int,
-            grad: int,
-            scales: int,
-            r0: int,
-            r1: int,
-            param: float,
-            inv_t: float,
-            z: float,
-            wts: int,
-        ) -> int:
-            x = numba.carray(_address(x_at), (rows, n), element)
-            loss = numba.carray(_address(out), (rows,), np.float32)
-            target = numba.carray(_address(targets), (rows,), np.int32)
-            g = numba.carray(_address(grad), (rows, n), element)
-            factor = numba.carray(_address(scales), (rows,), np.float32)
-            ok = weighted(x, loss, r0, r1, target, wts, param, inv_t, z, g, factor)
-            return 1 if ok else 0
+            if with_grad:  # the loss and its gradient, in one pass
+                g = numba.carray(_address(grad), (rows, n), element)
+                factor = numba.carray(_address(scales), (rows,), np.float32)
+                ok = weighted(x, loss, r0, r1, target, wts, param, inv_t, z, g, factor)
+            else:
+                no_grad = np.empty((0, 0), np.float32)
+                ok = weighted(x, loss, r0, r1, target, wts, param, inv_t, z, no_grad, 1.0)
+        return 1 if ok else 0
 
     return run_rows
 
@@ -686,10 +631,22 @@ def _handler(kernel: Any, element: Any, kind: str) -> Any:
     # process's alone): registered before the code that calls them is compiled or
     # loaded from the cache
     rows_symbol, symbol = _symbols(kernel, element, kind)
-    run_rows = keyed.cfunc(_ROWS_SIG, nogil=True)(_rows_runner(kernel, element, kind))
-    _CFUNCS.append(run_rows)
-    llvm.add_symbol(rows_symbol, run_rows.address)
+    runner = keyed.cfunc(_ROWS_SIG, nogil=True)(_rows_runner(kernel, element, kind))
+    _CFUNCS.append(runner)
+    llvm.add_symbol(rows_symbol, runner.address)
     work = _work(rows_symbol)
+
+    @keyed.njit()
+    def run_rows(x: Any, at: tuple, r0: int, r1: int, params: tuple) -> bool:
+        # the row runner on the rows [r0, r1) of the array x; at: the addresses out,
+        # targets, grad, scales and wts; params: param, inv_t and z
+        rows, n = x.shape
+        x_at, (out, targets, grad, scales, wts), (param, inv_t, z) = x.ctypes.data, at, params
+        done = _call_rows(
+            rows_symbol, x_at, rows, n, out, targets, grad, scales, r0, r1, param, inv_t, z, wts
+        )
+        return done != 0
+
     task = _task(work)
     _CFUNCS.append(task)
     llvm.add_symbol(symbol, task.address)
@@ -711,23 +668,8 @@ def _handler(kernel: Any, element: Any, kind: str) -> Any:
         threads = min(threads, rows, x.size // ck._MIN_PARALLEL)
         job = _malloc(8 * _JOB_WORDS) if threads > 1 else 0
         if job == 0:
-            done = _call_rows(
-                rows_symbol,
-                x.ctypes.data,
-                rows,
-                n,
-                out,
-                targets,
-                grad,
-                scales,
-                0,
-                rows,
-                param,
-                inv_t,
-                z,
-                wts,
-            )
-            return done != 0
+            at = (out, targets, grad, scales, wts)
+            return run_rows(x, at, 0, rows, (param, inv_t, z))
         words = numba.carray(_address(job), (_JOB_WORDS,), np.int64)
         words[:] = 0
         words[_REFS] = threads
@@ -782,23 +724,7 @@ def _handler(kernel: Any, element: Any, kind: str) -> Any:
             return 0  # a null XLA_FFI_Error*: success
         weights = _class_weights(wts)
         for i in range(rows):
-            done = _call_rows(
-                rows_symbol,
-                x.ctypes.data,
-                rows,
-                n,
-                out,
-                targets,
-                grad,
-                scales,
-                i,
-                i + 1,
-                param,
-                inv_t,
-                z,
-                wts,
-            )
-            if done != 0:
+            if run_rows(x, (out, targets, grad, scales, wts), i, i + 1, (param, inv_t, z)):
                 continue
             if kind == "normalise":
                 edge(x[i], numba.carray(_address(out), (rows, n), element)[i])
