@@ -432,11 +432,12 @@ def _weighted_rows(kernel: Any) -> Any:
 
 
 def _rows_runner(kernel: Any, element: Any, kind: str) -> Any:
-    """The Python function, compiled by :func:`_handler`: ``run_rows(x, rows, n, out, targets, grad, scales, r0, r1, param, inv_t, z,
-    wts)``, a C function of addresses and sizes (``_ROWS_SIG``): ``kernel`` on the rows
-    ``[r0, r1)`` of the ``(rows, n)`` array of ``element`` at address ``x``, its output
-    at address ``out`` (and the int32 targets of a cross-entropy at ``targets``, -1 for
-    a sample that contributes 0); 0 where it refuses one, else 1. ``kind``:
+    """The Python function, compiled by :func:`_handler`: ``run_rows(x, rows, n, out,
+    targets, grad, scales, r0, r1, param, inv_t, z, wts)``, a C function of addresses
+    and sizes (``_ROWS_SIG``): ``kernel`` on the rows ``[r0, r1)`` of the ``(rows, n)``
+    array of ``element`` at address ``x``, its output at address ``out`` (and the int32
+    targets of a cross-entropy at ``targets``, -1 for a sample that contributes 0); 0
+    where it refuses one, else 1. ``kind``:
     "normalise" (``out`` like ``x``), "reduce" (one float32 a row, the logsumexp),
     "cross_entropy" (one float32 loss a row, with smoothing ``param``, of the logits
     times ``inv_t``, with the z-loss ``z``), "cross_entropy_grad" (that, and at address
