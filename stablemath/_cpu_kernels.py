@@ -932,11 +932,10 @@ def _cross_entropy_kernel(capped: bool) -> Any:
     return keyed.njit(nogil=True, fastmath=_SUM, error_model="numpy")(rows)
 
 
-_uncapped_rows = _cross_entropy_kernel(False)
+# (uncapped_cross_entropy_rows is also for callers that never cap, which then compile
+# one of the two kernels: the JAX FFI handlers, XLA capping before the call)
+uncapped_cross_entropy_rows = _cross_entropy_kernel(False)
 _capped_rows = _cross_entropy_kernel(True)
-# :func:`cross_entropy_rows` for callers that never cap (the JAX FFI handlers: XLA caps
-# before the call), which then compile one of the two kernels
-uncapped_cross_entropy_rows = _uncapped_rows
 
 
 @numba.njit(nogil=True, fastmath=_SUM, cache=True, error_model="numpy")
@@ -982,7 +981,7 @@ def cross_entropy_rows(
         return _capped_rows(
             x, out, r0, r1, target, weight, ignore_index, smoothing, inv_t, z, cap, grad, scale
         )
-    return _uncapped_rows(
+    return uncapped_cross_entropy_rows(
         x, out, r0, r1, target, weight, ignore_index, smoothing, inv_t, z, cap, grad, scale
     )
 

@@ -197,7 +197,7 @@ _ROWS_SIG = types.int64(*_ROWS_ARGS)
 @intrinsic
 def _call_rows(
     typingctx: Any,
-    name: Any,
+    function: Any,
     x: Any,
     rows: Any,
     n: Any,
@@ -212,19 +212,16 @@ def _call_rows(
     z: Any,
     wts: Any,
 ) -> Any:
-    """Call the row runner registered in this process under the literal ``name``
-    (:func:`_rows_runner`): an external call, resolved when the compiled code is
-    loaded, so that the caller neither links nor optimises the kernel again."""
-    if not isinstance(name, types.StringLiteral):
-        return None
-    sig = types.int64(name, *_ROWS_ARGS)
-    symbol = name.literal_value
+    """Call the row runner (:func:`_rows_runner`) at address ``function``, as
+    :func:`_call` calls an API function: the arguments cast to its C signature
+    ``_ROWS_SIG``; its int64 result. With the address from :func:`_symbol_address`,
+    an external call: the caller neither links nor optimises the kernel again."""
+    sig = types.int64(types.int64, *_ROWS_ARGS)
 
     def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-        i64, f64 = ir.IntType(64), ir.DoubleType()
-        fnty = ir.FunctionType(i64, [i64] * 9 + [f64] * 3 + [i64])
-        fn = cgutils.get_or_insert_function(builder.module, fnty, symbol)
-        return builder.call(fn, args[1:])
+        argtypes = [context.get_value_type(t) for t in _ROWS_ARGS]
+        fnty = ir.FunctionType(context.get_value_type(_ROWS_SIG.return_type), argtypes)
+        return builder.call(builder.inttoptr(args[0], fnty.as_pointer()), args[1:])
 
     return sig, codegen
 
@@ -445,9 +442,10 @@ def _rows_runner(kernel: Any, element: Any, kind: str) -> Any:
     ``x``'s dtype); a cross-entropy's class weights are described at ``wts`` (0: none),
     see :func:`_weighted_rows`.
 
-    Compiled as a ``cfunc`` of its own, that the job's threads and the handler call by
-    symbol (:func:`_call_rows`). Numba links a callee's code into its caller and
-    optimises the whole again: called directly, the kernel was optimised once more at
+    Compiled as a ``cfunc`` of its own, that the job's threads and the handler call
+    at the address of its symbol (:func:`_symbol_address`, :func:`_call_rows`). Numba
+    links a callee's code into its caller and optimises the whole again: called
+    directly, the kernel was optimised once more at
     each of the four levels above it, and once more for each signature a level called
     it with (the job's loop with an int64 and a uint64 job, the row runner with a
     literal 0). The first calls after an install (``python benchmarks/first_call.py
@@ -516,8 +514,9 @@ def _work(rows_symbol: str) -> Any:
             r1 = min(r0 + step, rows)
             out, targets, grad = words[_JOB_OUT], words[_TARGETS_AT], words[_GRAD_AT]
             scales, wts = words[_SCALES_AT], words[_WEIGHTS_AT]
+            runner = _symbol_address(rows_symbol)
             done = _call_rows(
-                rows_symbol, x, rows, n, out, targets, grad, scales, r0, r1, param, inv_t, z, wts
+                runner, x, rows, n, out, targets, grad, scales, r0, r1, param, inv_t, z, wts
             )
             if done == 0:
                 words[_REFUSED] = 1
@@ -643,8 +642,9 @@ def _handler(kernel: Any, element: Any, kind: str) -> Any:
         # targets, grad, scales and wts; params: param, inv_t and z
         rows, n = x.shape
         x_at, (out, targets, grad, scales, wts), (param, inv_t, z) = x.ctypes.data, at, params
+        runner = _symbol_address(rows_symbol)
         done = _call_rows(
-            rows_symbol, x_at, rows, n, out, targets, grad, scales, r0, r1, param, inv_t, z, wts
+            runner, x_at, rows, n, out, targets, grad, scales, r0, r1, param, inv_t, z, wts
         )
         return done != 0
 

@@ -91,7 +91,7 @@ def _variants():
             rows_symbol = ffi._symbols(kernel, element, kind)[0]
             made["ffi work", func, element.__name__] = ffi._work(rows_symbol)
     made["ce kernel", "capped"] = ck._capped_rows
-    made["ce kernel", "uncapped"] = ck._uncapped_rows
+    made["ce kernel", "uncapped"] = ck.uncapped_cross_entropy_rows
     return made
 
 
